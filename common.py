@@ -1,0 +1,872 @@
+"""Shared plumbing for the robust-distill method scripts: data, models, the PGD attack, training utilities.
+
+Every method file (defensive_distillation.py, ltd.py, at_alp.py, infoard.py) imports this module and
+nothing else of ours. Read it once; after that each method file reads on its own.
+
+Conventions used everywhere:
+  * images are float tensors in [0, 1], NCHW; normalisation is the first layer of every model, so
+    attacks and epsilons live in pixel space (the RobustBench convention);
+  * `model(x)` returns logits divided by `model.temperature` (1 unless a checkpoint says otherwise);
+    `model(x, return_features=True)` returns `(logits, {"stages": [maps...], "pooled": vector})`;
+  * user mistakes raise `UserError`, which the scripts print as one line instead of a traceback.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_FORMAT = "robust-distill/1"
+
+
+class UserError(Exception):
+    """A problem with the user's input (bad flag, missing file, ...): shown as one clear line."""
+
+
+def run_main(main_fn, argv=None):
+    """Call `main_fn(argv)`, turning UserError into a one-line message and exit status 2."""
+    try:
+        return main_fn(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+##############################################################################################
+#                                           Data                                             #
+##############################################################################################
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "folder", "synthetic")
+# Threat model per dataset family (SPEC section 4): (eps, attack step).
+THREAT = {"mnist": (0.3, 0.01), "small": (8 / 255, 2 / 255), "large": (4 / 255, 1 / 255)}
+LARGE_IMAGE = 64  # folder images bigger than this stream from disk instead of living on the GPU
+
+
+class DataInfo:
+    """What a model and an attack need to know about a dataset."""
+
+    def __init__(self, name, num_classes, channels, size, mean, std, flip=True, large=False, classes=None):
+        self.name, self.num_classes, self.channels, self.size = name, num_classes, channels, size
+        self.mean, self.std, self.flip, self.large = tuple(mean), tuple(std), flip, large
+        self.classes = classes or [str(i) for i in range(num_classes)]
+        self.eps, self.alpha = THREAT["mnist" if name == "mnist" else "large" if large else "small"]
+
+
+def synthetic_data(n_train=512, n_test=256, num_classes=10, size=32, channels=3, seed=0):
+    """A small learnable image set made in memory: each class is a smooth random pattern plus noise.
+
+    No download and no disk, so tests and smoke runs can train and attack real models on it.
+    Returns uint8 tensors (x_train, y_train, x_test, y_test).
+    """
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(num_classes, channels, 4, 4, generator=g) * 2 - 1
+    protos = F.interpolate(protos, size=size, mode="bilinear", align_corners=False)
+
+    def draw(n):
+        y = torch.randint(num_classes, (n,), generator=g)
+        x = 0.5 + 0.4 * protos[y] + 0.08 * torch.randn(n, channels, size, size, generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    return (*draw(n_train), *draw(n_test))
+
+
+def _torchvision_split(name, train, root):
+    import torchvision.datasets as tvd
+    try:
+        if name == "svhn":
+            ds = tvd.SVHN(root, split="train" if train else "test", download=True)
+            return torch.from_numpy(ds.data), torch.as_tensor(ds.labels)
+        cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST}[name]
+        ds = cls(root, train=train, download=True)
+    except Exception as e:  # no network, bad folder, corrupt archive...
+        raise UserError(f"could not load {name} from '{root}' ({type(e).__name__}: {e}); "
+                        f"put the files there or pass --data-dir") from None
+    x = torch.as_tensor(np.asarray(ds.data))
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)  # MNIST NHW / CIFAR NHWC -> NCHW
+    return x.contiguous(), torch.as_tensor(ds.targets)
+
+
+def _folder_classes(root, split):
+    d = os.path.join(root, split)
+    if not os.path.isdir(d):
+        raise UserError(f"folder dataset '{root}' has no '{split}/' directory "
+                        f"(expected {root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg)")
+    classes = sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c)))
+    if not classes:
+        raise UserError(f"'{d}' has no class sub-directories")
+    return classes
+
+
+def _folder_split(root, split, classes):
+    """Decode a small-image folder split once into uint8 tensors, cached next to the data."""
+    from PIL import Image
+    cache = os.path.join(root, f".robust-distill-{split}.pt")
+    if os.path.exists(cache):
+        blob = torch.load(cache, weights_only=True)
+        if blob["classes"] == classes:
+            return blob["x"], blob["y"]
+    xs, ys = [], []
+    for label, c in enumerate(classes):
+        d = os.path.join(root, split, c)
+        for f in sorted(os.listdir(d)):
+            with Image.open(os.path.join(d, f)) as im:
+                xs.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
+            ys.append(label)
+    if not xs or len({tuple(t.shape) for t in xs}) != 1:
+        raise UserError(f"'{root}/{split}' is empty or its images differ in size")
+    x, y = torch.stack(xs), torch.tensor(ys)
+    try:
+        atomic_save({"x": x, "y": y, "classes": classes}, cache)
+    except OSError:
+        pass  # read-only data folder: decode again next time
+    return x, y
+
+
+def _first_image_size(root, classes):
+    from PIL import Image
+    d = os.path.join(root, "train", classes[0])
+    files = sorted(os.listdir(d))
+    if not files:
+        raise UserError(f"'{d}' holds no images")
+    with Image.open(os.path.join(d, files[0])) as im:
+        return max(im.size)
+
+
+def load_dataset(name, data_dir=None, train=True):
+    """Return (images, labels, DataInfo) for one split.
+
+    Small-image sets come back as uint8 NCHW tensors; large folder trees as a torchvision
+    ImageFolder (images=dataset, labels=None), streamed later by a DataLoader.
+    """
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}' (choose from {', '.join(DATASETS)})")
+    if name == "synthetic":
+        xtr, ytr, xte, yte = synthetic_data()
+        return (xtr, ytr) if train else (xte, yte), DataInfo(name, 10, 3, 32, (0.5,) * 3, (0.25,) * 3)
+    if name == "folder":
+        if not data_dir:
+            raise UserError("--dataset folder needs --data-dir pointing at a train/ and test/ tree")
+        classes = _folder_classes(data_dir, "train")
+        if _folder_classes(data_dir, "test") != classes:
+            raise UserError(f"'{data_dir}/test' and '{data_dir}/train' have different class folders")
+        if _first_image_size(data_dir, classes) > LARGE_IMAGE:
+            import torchvision.datasets as tvd
+            import torchvision.transforms as T
+            tf = (T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor()]) if train
+                  else T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()]))
+            ds = tvd.ImageFolder(os.path.join(data_dir, "train" if train else "test"), transform=tf)
+            info = DataInfo("folder", len(classes), 3, 224, IMAGENET_MEAN, IMAGENET_STD, large=True, classes=classes)
+            return (ds, None), info
+        x, y = _folder_split(data_dir, "train" if train else "test", classes)
+        mean = tuple((x[:5000].float() / 255).mean((0, 2, 3)).tolist())
+        std = tuple((x[:5000].float() / 255).std((0, 2, 3)).tolist())
+        return (x, y), DataInfo("folder", len(classes), x.shape[1], x.shape[2], mean, std, classes=classes)
+    x, y = _torchvision_split(name, train, data_dir or "./data")
+    if name == "mnist":
+        info = DataInfo(name, 10, 1, 28, (0.1307,), (0.3081,), flip=False)
+    else:
+        info = DataInfo(name, 100 if name == "cifar100" else 10, 3, 32, CIFAR_MEAN, CIFAR_STD, flip=name != "svhn")
+    return (x, y.long()), info
+
+
+def augment(x, pad=4, flip=True):
+    """Per-sample random crop (zero padding `pad`) and horizontal flip, on whatever device x is."""
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b, 1, 1), device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1, 1), device=x.device)
+    rows = dy + torch.arange(h, device=x.device).view(1, h, 1)
+    cols = dx + torch.arange(w, device=x.device).view(1, 1, w)
+    out = xp[torch.arange(b, device=x.device).view(b, 1, 1), :, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        out = torch.where(torch.rand(b, 1, 1, 1, device=x.device) < 0.5, out.flip(3), out)
+    return out.contiguous()
+
+
+class TensorLoader:
+    """Batches from uint8 images held on the device; augmentation happens there too (no CPU workers).
+
+    Under DDP each rank takes every world-th index of one shared permutation: disjoint shards
+    that together cover the data.
+    """
+
+    def __init__(self, x, y, batch_size, device, train=False, flip=True, rank=0, world=1, seed=0):
+        self.x, self.y = x.to(device), y.to(device)
+        self.batch_size, self.train, self.flip, self.device = batch_size, train, flip, device
+        self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
+        self.channels_last = torch.device(device).type == "cuda"
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def indices(self):
+        n = len(self.y)
+        if self.train:
+            g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+            idx = torch.randperm(n, generator=g)
+            idx = idx[: n - n % self.world]  # equal shard sizes keep ranks in step
+        else:
+            idx = torch.arange(n)
+        return idx[self.rank::self.world]
+
+    def __len__(self):
+        n = len(self.indices())
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        idx = self.indices().to(self.device)
+        for i in range(len(self)):
+            j = idx[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.x[j]
+            if self.train:
+                x = augment(x, flip=self.flip)
+            x = x.float().div_(255)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.y[j]
+
+
+class StreamLoader:
+    """Large-image trees: a torchvision DataLoader with CPU workers, moving batches to the device."""
+
+    def __init__(self, dataset, batch_size, device, train=False, workers=8, rank=0, world=1, seed=0):
+        from torch.utils.data import DataLoader, DistributedSampler
+        self.sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=seed) if world > 1 else None
+        self.loader = DataLoader(dataset, batch_size, shuffle=train and self.sampler is None, sampler=self.sampler,
+                                 num_workers=workers, pin_memory=True, drop_last=train, persistent_workers=workers > 0)
+        self.device = device
+
+    def set_epoch(self, epoch):
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def make_loader(data, info, batch_size, device, train=False, workers=8, rank=0, world=1, seed=0):
+    x, y = data
+    if y is None:
+        return StreamLoader(x, batch_size, device, train, workers, rank, world, seed)
+    return TensorLoader(x, y, batch_size, device, train, info.flip, rank, world, seed)
+
+
+def get_loaders(args, device, rank=0, world=1):
+    """Train / validation / test loaders and DataInfo. Validation = `--val-size` held-out training images."""
+    (x, y), info = load_dataset(args.dataset, args.data_dir, train=True)
+    test, _ = load_dataset(args.dataset, args.data_dir, train=False)
+    n = len(x)
+    val_size = min(args.val_size, n // 5)
+    if val_size < args.val_size:
+        print(f"note: --val-size {args.val_size} is too large for {n} training images; using {val_size}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))  # fixed split, any training seed
+    if y is None:  # streamed tree: keep its own order, validation on a subset of the test transform
+        from torch.utils.data import Subset
+        (val_ds, _), _ = load_dataset(args.dataset, args.data_dir, train=False)
+        val_ds.samples = [x.samples[i] for i in perm[:val_size].tolist()]
+        val_ds.targets = [s[1] for s in val_ds.samples]
+        train, val = (Subset(x, perm[val_size:].tolist()), None), (val_ds, None)
+    else:
+        train, val = (x[perm[val_size:]], y[perm[val_size:]]), (x[perm[:val_size]], y[perm[:val_size]])
+    mk = lambda d, tr: make_loader(d, info, args.batch_size, device, tr, args.workers, rank, world, args.seed)
+    return mk(train, True), mk(val, False), mk(test, False), info
+
+
+##############################################################################################
+#                                          Models                                            #
+##############################################################################################
+class Classifier(nn.Module):
+    """Base class: normalisation inside, temperature on the way out, features on request.
+
+    Subclasses implement `body(x) -> (logits, list_of_stage_maps, pooled_features)`.
+    """
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.temperature = 1.0  # the deployed model outputs logits / temperature (checkpoint field)
+
+    def forward(self, x, return_features=False):
+        logits, stages, pooled = self.body((x - self.mean) / self.std)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return (logits, {"stages": stages, "pooled": pooled}) if return_features else logits
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        o = F.relu(self.bn1(x))
+        sc = self.shortcut(o) if self.shortcut is not None else x
+        return self.conv2(F.relu(self.bn2(self.conv1(o)))) + sc
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        o = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(o)) + self.shortcut(x))
+
+
+class ResNet18(Classifier):
+    """CIFAR ResNet-18 (3x3 stem, no max-pool); `preact=True` gives PreActResNet-18 (Rice et al. 2020).
+    Stages: 64@s, 128@s/2, 256@s/4, 512@s/8; pooled 512."""
+
+    def __init__(self, num_classes, in_channels, mean, std, preact=False):
+        super().__init__(mean, std)
+        block = PreActBlock if preact else BasicBlock
+        self.preact = preact
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(512 if preact else 64)  # pre-act: final BN before pooling
+        widths, layers, cin = (64, 128, 256, 512), [], 64
+        for i, w in enumerate(widths):
+            layers.append(nn.Sequential(block(cin, w, 1 if i == 0 else 2), block(w, w, 1)))
+            cin = w
+        self.layers = nn.ModuleList(layers)
+        self.fc = nn.Linear(512, num_classes)
+
+    def body(self, x):
+        o = self.conv1(x) if self.preact else F.relu(self.bn1(self.conv1(x)))
+        stages = []
+        for layer in self.layers:
+            o = layer(o)
+            stages.append(o)
+        if self.preact:
+            o = stages[-1] = F.relu(self.bn1(o))
+        pooled = F.adaptive_avg_pool2d(o, 1).flatten(1)
+        return self.fc(pooled), stages, pooled
+
+
+class WideBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.equal = cin == cout
+        self.shortcut = None if self.equal else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        o = F.relu(self.bn1(x))
+        sc = x if self.equal else self.shortcut(o)
+        return self.conv2(F.relu(self.bn2(self.conv1(o)))) + sc
+
+
+class WideResNet(Classifier):
+    """WRN-D-K in the TRADES/AWP layout: conv 16 -> 3 groups (16K, 32K, 64K) -> BN-ReLU -> pool -> fc.
+    Stages: 16K@s, 32K@s/2, 64K@s/4 (the last after the final BN-ReLU); pooled 64K."""
+
+    def __init__(self, depth, widen, num_classes, in_channels, mean, std):
+        super().__init__(mean, std)
+        if (depth - 4) % 6:
+            raise UserError(f"wrn depth must be 6n+4 (10, 16, 28, 34, ...), got {depth}")
+        n, w = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*[WideBlock(w[i] if j == 0 else w[i + 1], w[i + 1], (1 if i == 0 else 2) if j == 0 else 1)
+                            for j in range(n)]) for i in range(3))
+        self.bn = nn.BatchNorm2d(w[3])
+        self.fc = nn.Linear(w[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def body(self, x):
+        o, stages = self.conv1(x), []
+        for blk in self.blocks:
+            o = blk(o)
+            stages.append(o)
+        o = stages[-1] = F.relu(self.bn(o))
+        pooled = F.adaptive_avg_pool2d(o, 1).flatten(1)
+        return self.fc(pooled), stages, pooled
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, expansion, stride):
+        super().__init__()
+        mid = expansion * cin
+        self.use_res = stride == 1 and cin == cout
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(inplace=True),
+            nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(inplace=True),
+            nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2(Classifier):
+    """MobileNetV2, CIFAR variant (stride-1 stem, stride 1 in the second group, as in the RSLAD/ARD code).
+    Stages: 24@s, 32@s/2, 96@s/4, 1280@s/8; pooled 1280."""
+    CFG = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    TAPS = (2, 5, 12)  # block indices whose outputs are the first three stage maps
+
+    def __init__(self, num_classes, in_channels, mean, std):
+        super().__init__(mean, std)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6(True))
+        blocks, cin = [], 32
+        for t, c, n, s in self.CFG:
+            for i in range(n):
+                blocks.append(InvertedResidual(cin, c, t, s if i == 0 else 1))
+                cin = c
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Sequential(nn.Conv2d(320, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6(True))
+        self.fc = nn.Linear(1280, num_classes)
+
+    def body(self, x):
+        o, stages = self.stem(x), []
+        for i, blk in enumerate(self.blocks):
+            o = blk(o)
+            if i in self.TAPS:
+                stages.append(o)
+        o = self.head(o)
+        stages.append(o)
+        pooled = F.adaptive_avg_pool2d(o, 1).flatten(1)
+        return self.fc(pooled), stages, pooled
+
+
+class PapernotCNN(Classifier):
+    """The CNNs of Papernot et al. 2016, Table I: conv-conv-pool-conv-conv-pool (3x3, 'valid' padding as in
+    Carlini's reproduction), FC-FC with dropout 0.5, FC. MNIST: 32-32-64-64 / 200-200; CIFAR: 64-64-128-128 / 256-256.
+    Stages: the two pooled maps; pooled = second FC layer's activations."""
+
+    def __init__(self, widths, fc, num_classes, in_channels, size, mean, std, dropout=0.5):
+        super().__init__(mean, std)
+        a, b = widths
+        self.features1 = nn.Sequential(nn.Conv2d(in_channels, a, 3), nn.ReLU(), nn.Conv2d(a, a, 3), nn.ReLU(), nn.MaxPool2d(2))
+        self.features2 = nn.Sequential(nn.Conv2d(a, b, 3), nn.ReLU(), nn.Conv2d(b, b, 3), nn.ReLU(), nn.MaxPool2d(2))
+        side = ((size - 4) // 2 - 4) // 2
+        if side < 1:
+            raise UserError(f"papernot CNNs need images of at least 14 pixels, got {size}")
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(b * side * side, fc), nn.ReLU(), nn.Dropout(dropout),
+                                nn.Linear(fc, fc), nn.ReLU(), nn.Dropout(dropout))
+        self.out = nn.Linear(fc, num_classes)
+
+    def body(self, x):
+        s1 = self.features1(x)
+        s2 = self.features2(s1)
+        pooled = self.fc(s2)
+        return self.out(pooled), [s1, s2], pooled
+
+
+ARCHS = ("preact-resnet18", "resnet18", "wrn-D-K", "mobilenetv2", "papernot-mnist", "papernot-cifar")
+
+
+def build_model(arch, num_classes, in_channels=3, image_size=32, mean=CIFAR_MEAN, std=CIFAR_STD):
+    """Build an architecture by name (see ARCHS; wrn-D-K means e.g. wrn-34-10, wrn-28-10, wrn-10-1)."""
+    if len(mean) != in_channels:
+        mean, std = (sum(mean) / len(mean),) * in_channels, (sum(std) / len(std),) * in_channels
+    common = dict(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+    if arch in ("resnet18", "preact-resnet18"):
+        return ResNet18(preact=arch.startswith("preact"), **common)
+    if arch == "mobilenetv2":
+        return MobileNetV2(**common)
+    if arch in ("papernot-mnist", "papernot-cifar"):
+        widths, fc = ((32, 64), 200) if arch == "papernot-mnist" else ((64, 128), 256)
+        return PapernotCNN(widths, fc, size=image_size, **common)
+    parts = arch.split("-")
+    if len(parts) == 3 and parts[0] == "wrn" and parts[1].isdigit() and parts[2].isdigit():
+        return WideResNet(int(parts[1]), int(parts[2]), **common)
+    raise UserError(f"unknown arch '{arch}' (choose from {', '.join(ARCHS)})")
+
+
+def model_for(arch, info):
+    return build_model(arch, info.num_classes, info.channels, info.size, info.mean, info.std)
+
+
+##############################################################################################
+#                                         Attacks                                            #
+##############################################################################################
+def cw_margin_loss(logits, y):
+    """Per-sample CW margin, maximised by the attacker: max_{i != y} z_i - z_y (> 0 means misclassified)."""
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return other - z_y
+
+
+def dlr_loss(logits, y):
+    """Per-sample DLR loss of Croce & Hein 2020 (maximised): -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3)."""
+    z = logits.float()
+    zs = z.sort(1, descending=True).values
+    return cw_margin_loss(z, y) / (zs[:, 0] - zs[:, 2] + 1e-12)
+
+
+def dlr_targeted_loss(logits, y, target):
+    """Targeted DLR (maximised): -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)."""
+    z = logits.float()
+    zs = z.sort(1, descending=True).values
+    z_y, z_t = z.gather(1, y[:, None]).squeeze(1), z.gather(1, target[:, None]).squeeze(1)
+    return -(z_y - z_t) / (zs[:, 0] - 0.5 * (zs[:, 2] + zs[:, 3]) + 1e-12)
+
+
+def _per_sample(v, x):
+    """A float or a (B,) tensor as something that broadcasts over x."""
+    if torch.is_tensor(v):
+        if v.dim() != 1 or len(v) != len(x):
+            raise ValueError(f"per-sample value must have shape ({len(x)},), got {tuple(v.shape)}")
+        return v.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return float(v)
+
+
+def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, targeted=False, target=None):
+    """L-infinity projected gradient ascent on `loss`; returns x_adv (detached, in [0,1], |x_adv - x| <= eps).
+
+    model:  any callable; its output goes to the loss (logits for the built-in losses). The caller
+            chooses train/eval mode. Gradients are taken w.r.t. the perturbation only.
+    eps, alpha: floats, or (B,) tensors for per-sample strength (InfoARD's adaptive attack).
+    loss:   'ce' (cross-entropy on y), 'cw' (logit margin), 'kl' (KL(target || softmax(output)),
+            `target` a probability matrix, TRADES-style), or a callable(output, y) -> per-sample losses.
+    random_start: True for U(-eps, eps), 'normal' for 0.001 N(0, 1) (TRADES), False for none.
+    targeted: move towards class y instead of away from it (descend the CE).
+    """
+    if steps < 0 or (not torch.is_tensor(eps) and eps < 0):
+        raise ValueError("pgd needs steps >= 0 and eps >= 0")
+    if loss == "kl" and target is None:
+        raise ValueError("loss='kl' needs target probabilities")
+    eps_b, alpha_b = _per_sample(eps, x), _per_sample(alpha, x)
+    x = x.detach()
+    if random_start == "normal":
+        delta = 0.001 * torch.randn_like(x)
+    elif random_start:
+        delta = (torch.rand_like(x) * 2 - 1) * eps_b
+    else:
+        delta = torch.zeros_like(x)
+    delta = ((x + delta).clamp(0, 1) - x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        out = model(x + delta)
+        if callable(loss):
+            value = loss(out, y)
+        elif loss == "ce":
+            value = F.cross_entropy(out.float(), y, reduction="none")
+        elif loss == "cw":
+            value = cw_margin_loss(out.float(), y)
+        elif loss == "kl":
+            value = F.kl_div(F.log_softmax(out.float(), 1), target, reduction="none").sum(1)
+        else:
+            raise ValueError(f"unknown pgd loss '{loss}'")
+        grad, = torch.autograd.grad(value.sum() * (-1 if targeted else 1), delta)
+        with torch.no_grad():
+            delta = delta + alpha_b * grad.sign()
+            delta = torch.max(torch.min(delta, eps_b), -eps_b) if torch.is_tensor(eps_b) else delta.clamp(-eps_b, eps_b)
+            delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
+##############################################################################################
+#                                    Training plumbing                                       #
+##############################################################################################
+def base_parser(description, **defaults):
+    """The flags every method script shares; `defaults` sets the method's own (paper) defaults."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data-dir", default="./data", help="where torchvision data lives / the folder tree")
+    p.add_argument("--arch", default="resnet18", help=f"one of {', '.join(ARCHS)}")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=128, help="per process under torchrun")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", default="piecewise", choices=["piecewise", "cosine", "onecycle", "constant"])
+    p.add_argument("--milestones", type=int, nargs="*", default=[100, 150], help="piecewise: epochs where lr *= gamma")
+    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--eps", type=float, default=None, help="L-inf radius (default: 8/255 CIFAR/SVHN, 0.3 MNIST, 4/255 large)")
+    p.add_argument("--alpha", type=float, default=None, help="attack step (default: 2/255, 0.01 MNIST, 1/255 large)")
+    p.add_argument("--steps", type=int, default=10, help="attack steps during training")
+    p.add_argument("--val-size", type=int, default=1000, help="training images held out to pick the best checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None, help="default: runs/<method>-<dataset>-<arch>")
+    p.add_argument("--workers", type=int, default=8, help="CPU loader workers (large-image folders only)")
+    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast (on by default on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.set_defaults(**defaults)
+    return p
+
+
+class Run:
+    """Everything about one training run that is not the method: device, ranks, data, logging, files."""
+
+    def __init__(self, args, method):
+        self.args, self.method = args, method
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available() and args.device != "cpu"
+        self.device = torch.device(args.device or (f"cuda:{local}" if cuda else "cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+        seed_everything(args.seed + self.rank)
+        self.amp = self.device.type == "cuda" and not args.no_amp
+        self.train_loader, self.val_loader, self.test_loader, self.info = get_loaders(args, self.device, self.rank, self.world)
+        args.eps = self.info.eps if args.eps is None else args.eps
+        args.alpha = self.info.alpha if args.alpha is None else args.alpha
+        args.out_dir = args.out_dir or os.path.join("runs", f"{method}-{args.dataset}-{args.arch}")
+        if self.main:
+            os.makedirs(args.out_dir, exist_ok=True)
+
+    def autocast(self):
+        """bf16 autocast on CUDA (unless --no-amp); a no-op on the CPU."""
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def model(self, arch=None):
+        """Build `arch` (default --arch) for this dataset, on the device, channels_last on CUDA."""
+        m = model_for(arch or self.args.arch, self.info).to(self.device)
+        return m.to(memory_format=torch.channels_last) if self.device.type == "cuda" else m
+
+    def prepare(self, model):
+        """Wrap for training: DistributedDataParallel under torchrun, torch.compile with --compile."""
+        if self.world > 1:
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if self.args.compile:
+            model = torch.compile(model)
+        return model
+
+    def optimizer(self, params, steps_per_epoch=None, epochs=None):
+        """SGD with momentum and weight decay, plus the --schedule as a per-iteration LambdaLR."""
+        a = self.args
+        opt = torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
+        sched = make_schedule(opt, a.schedule, epochs or a.epochs, steps_per_epoch or len(self.train_loader),
+                              a.milestones, a.gamma)
+        return opt, sched
+
+
+def unwrap(model):
+    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_schedule(optimizer, kind, epochs, steps_per_epoch, milestones=(100, 150), gamma=0.1):
+    """Per-iteration LR multiplier: piecewise (x gamma at each milestone epoch), cosine, one-cycle, constant."""
+    total = max(1, epochs * steps_per_epoch)
+
+    def factor(it):
+        epoch = it / steps_per_epoch
+        if kind == "piecewise":
+            return gamma ** sum(epoch >= m for m in milestones)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
+        if kind == "onecycle":  # linear up to the peak at 40%, then linear down to 0 (fast AT style)
+            t = min(it, total) / total
+            return t / 0.4 if t < 0.4 else (1 - t) / 0.6
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def average_gradients(module):
+    """All-reduce and average .grad of `module` across ranks (for helper models DDP does not wrap)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
+
+def _all_sum(values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate_accuracy(model, loader, eps, alpha, steps=10, amp=None):
+    """Clean and PGD-`steps` (CE, random start) accuracy of `model` in eval mode, summed over ranks."""
+    was_training = model.training
+    model.eval()
+    correct = robust = total = 0
+    for x, y in loader:
+        with amp or contextlib.nullcontext():
+            with torch.no_grad():
+                correct += (model(x).argmax(1) == y).sum().item()
+            if steps > 0:
+                x_adv = pgd(model, x, y, eps, alpha, steps)
+                with torch.no_grad():
+                    robust += (model(x_adv).argmax(1) == y).sum().item()
+        total += len(y)
+    model.train(was_training)
+    correct, robust, total = _all_sum([correct, robust, total], next(model.parameters()).device)
+    return correct / max(total, 1), robust / max(total, 1)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file next to `path`, then rename: a crash never leaves a half file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _plain(v):
+    return v if isinstance(v, (int, float, str, bool, type(None))) else [_plain(i) for i in v] if isinstance(v, (list, tuple)) else str(v)
+
+
+def make_checkpoint(model, args, info, method, epoch, metrics, temperature=1.0):
+    """The checkpoint dict of SPEC section 3 (plain types and tensors only: loadable with weights_only=True)."""
+    m = unwrap(model)
+    return {"format": CHECKPOINT_FORMAT, "model": {k: v.detach().cpu() for k, v in m.state_dict().items()},
+            "arch": args.arch, "dataset": args.dataset, "num_classes": info.num_classes,
+            "in_channels": info.channels, "image_size": info.size, "temperature": float(temperature),
+            "method": method, "args": {k: _plain(v) for k, v in vars(args).items()}, "epoch": epoch,
+            "metrics": {k: _plain(v) for k, v in metrics.items()}}
+
+
+def load_checkpoint(path):
+    """Read a checkpoint safely (weights_only=True), with a clear error for missing or foreign files."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    return ckpt
+
+
+def build_model_from_checkpoint(path_or_ckpt, device="cpu"):
+    """Rebuild exactly the deployed model (eval mode, checkpoint temperature). Returns (model, checkpoint)."""
+    ckpt = load_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, str) else path_or_ckpt
+    state = ckpt["model"]
+    model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt.get("in_channels", 3), ckpt.get("image_size", 32),
+                        state["mean"].flatten().tolist(), state["std"].flatten().tolist())
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not fit arch '{ckpt['arch']}': {str(e).splitlines()[0][:200]}") from None
+    model.temperature = float(ckpt.get("temperature", 1.0))
+    return model.to(device).eval(), ckpt
+
+
+class Trainer:
+    """Per-epoch bookkeeping shared by all methods: validation, log line + JSON lines, best/last checkpoints, resume.
+
+    Files in out_dir: log.jsonl, last.pt (with optimizer/schedule state, for --resume) and best.pt (best
+    validation PGD accuracy, or best clean accuracy with select='clean').
+    """
+
+    def __init__(self, run, model, optimizer, schedule, method, out_dir=None, epochs=None, temperature=1.0,
+                 select="pgd", extra_state=None):
+        self.run, self.model, self.opt, self.sched, self.method = run, model, optimizer, schedule, method
+        self.out_dir = out_dir or run.args.out_dir
+        self.epochs = epochs if epochs is not None else run.args.epochs
+        self.temperature, self.select = temperature, select
+        self.extra_state = extra_state or {}  # name -> module or optimizer also saved in last.pt (e.g. heads)
+        self.start_epoch, self.best, self.t0 = 0, -1.0, time.time()
+        if run.main:
+            os.makedirs(self.out_dir, exist_ok=True)
+        if run.args.resume:
+            self._resume()
+
+    @property
+    def done(self):
+        return self.start_epoch >= self.epochs
+
+    def _resume(self):
+        path = os.path.join(self.out_dir, "last.pt")
+        if not os.path.exists(path):
+            if self.run.main:
+                print(f"--resume: no {path} yet, starting from scratch")
+            return
+        ckpt = load_checkpoint(path)
+        unwrap(self.model).load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["schedule"])
+        for name, obj in self.extra_state.items():
+            obj.load_state_dict(ckpt["extra"][name])
+        torch.set_rng_state(ckpt["rng"])
+        self.start_epoch, self.best = ckpt["epoch"] + 1, ckpt["metrics"].get("best", -1.0)
+        if self.run.main:
+            print(f"resumed from {path}: continuing at epoch {self.start_epoch + 1}/{self.epochs}")
+
+    def epochs_to_run(self):
+        return range(self.start_epoch, self.epochs)
+
+    def end_epoch(self, epoch, loss_sum, correct, seen, t_start, eval_model=None):
+        """Validate, log one line, write last.pt (and best.pt when validation improves). Returns the metrics."""
+        r, a = self.run, self.run.args
+        loss_sum, correct, seen = _all_sum([float(loss_sum), float(correct), float(seen)], r.device)
+        loss = loss_sum / max(seen, 1)
+        if not math.isfinite(loss):
+            raise UserError(f"training loss became {loss} in epoch {epoch + 1}; lower --lr or check the data "
+                            f"(last good checkpoint: {os.path.join(self.out_dir, 'last.pt')})")
+        steps = 0 if self.select == "clean" else 10
+        m = eval_model or unwrap(self.model)
+        t_m = m.temperature
+        m.temperature = self.temperature  # validate the model as it will be deployed
+        val_clean, val_pgd = evaluate_accuracy(m, r.val_loader, a.eps, a.alpha, steps, r.autocast())
+        m.temperature = t_m
+        secs = time.time() - t_start
+        lr = self.opt.param_groups[0]["lr"]
+        score = val_clean if self.select == "clean" else val_pgd
+        improved = score > self.best
+        self.best = max(self.best, score)
+        eta = (time.time() - self.t0) / (epoch + 1 - self.start_epoch) * (self.epochs - epoch - 1)
+        metrics = {"epoch": epoch + 1, "loss": loss, "train_acc": correct / max(seen, 1), "val_clean": val_clean,
+                   "val_pgd10": val_pgd if steps else None, "lr": lr, "seconds": secs,
+                   "images_per_s": seen / max(secs, 1e-9), "eta_s": eta, "best": self.best}
+        if r.main:
+            print(f"[{self.method}] epoch {epoch + 1}/{self.epochs}  loss {loss:.4f}  train {100 * metrics['train_acc']:.2f}%  "
+                  f"val clean {100 * val_clean:.2f}%" + (f"  val pgd10 {100 * val_pgd:.2f}%" if steps else "")
+                  + f"  lr {lr:.4g}  {secs:.1f}s  {metrics['images_per_s']:.0f} img/s  eta {eta / 60:.1f} min", flush=True)
+            with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            ckpt = make_checkpoint(self.model, a, r.info, self.method, epoch, metrics, self.temperature)
+            if improved:
+                atomic_save(ckpt, os.path.join(self.out_dir, "best.pt"))
+            ckpt.update(optimizer=self.opt.state_dict(), schedule=self.sched.state_dict(), rng=torch.get_rng_state(),
+                        extra={k: v.state_dict() for k, v in self.extra_state.items()})
+            atomic_save(ckpt, os.path.join(self.out_dir, "last.pt"))
+        return metrics
+
+    def finish(self):
+        """Path of the checkpoint to deploy (best.pt). Under torchrun every rank waits for rank 0's files."""
+        if dist.is_initialized():
+            dist.barrier()
+        return os.path.join(self.out_dir, "best.pt")
