@@ -1,0 +1,279 @@
+"""Foundation tests: attacks, losses, models, augmentation, checkpoints, resume and bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from tests.util import TINY, pgd_at
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------- attacks
+@pytest.fixture(scope="module")
+def trained_cnn():
+    """A small BN-free CNN trained normally (undefended) on the synthetic data."""
+    torch.manual_seed(0)
+    (x, y), info = common.load_dataset("synthetic", train=True)
+    (xt, yt), _ = common.load_dataset("synthetic", train=False)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(32 * 64, 10))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    loader = common.TensorLoader(x, y, 64, "cpu", train=True)
+    for epoch in range(6):
+        loader.set_epoch(epoch)
+        for xb, yb in loader:
+            opt.zero_grad()
+            F.cross_entropy(net(xb), yb).backward()
+            opt.step()
+    return net, xt.float() / 255, yt
+
+
+def test_pgd_lowers_accuracy_of_undefended_model(trained_cnn):
+    net, x, y = trained_cnn
+    clean = (net(x).argmax(1) == y).float().mean().item()
+    adv = common.pgd(net, x, y, 8 / 255, 2 / 255, 10)
+    robust = (net(adv).argmax(1) == y).float().mean().item()
+    noise = (x + (torch.rand_like(x) * 2 - 1) * 8 / 255).clamp(0, 1)
+    noisy = (net(noise).argmax(1) == y).float().mean().item()
+    assert clean > 0.7, clean                     # the model learned the data
+    assert noisy > clean - 0.1                    # random noise of the same size barely matters ...
+    assert robust < clean - 0.3, (clean, robust)  # ... the attack does
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw", "kl"])
+def test_pgd_stays_in_eps_ball_and_image_range(trained_cnn, loss):
+    net, x, y = trained_cnn
+    x = x[:64]
+    x[:8] = 1.0  # saturated pixels: the attack must still stay inside [0, 1]
+    target = F.softmax(net(x), 1).detach()
+    for eps in (8 / 255, torch.linspace(1 / 255, 16 / 255, len(x))):
+        adv = common.pgd(net, x, y[:64], eps, 2 / 255, 5, loss=loss, target=target)
+        bound = eps if isinstance(eps, float) else eps.view(-1, 1, 1, 1)
+        assert ((adv - x).abs() <= bound + 1e-6).all()
+        assert adv.min() >= 0 and adv.max() <= 1
+        if not isinstance(eps, float):  # per-sample radii are really used, not just the smallest one
+            d = (adv - x).flatten(1).abs().amax(1)
+            assert d[-1] > 10 / 255 and d[0] <= 1 / 255 + 1e-6
+
+
+def test_pgd_custom_loss_and_targeted(trained_cnn):
+    net, x, y = trained_cnn
+    x, y = x[:64], y[:64]
+    target = (y + 1) % 10
+    adv = common.pgd(net, x, target, 16 / 255, 2 / 255, 20, targeted=True)
+    hit_t = (net(adv).argmax(1) == target).float().mean().item()
+    assert hit_t > (net(x).argmax(1) == target).float().mean().item() + 0.3
+    # A callable loss sees the model output: maximising logit 3 must raise logit 3.
+    adv = common.pgd(net, x, y, 8 / 255, 2 / 255, 5, loss=lambda out, _: out[:, 3])
+    assert (net(adv)[:, 3] > net(x)[:, 3]).float().mean() > 0.9
+
+
+def test_cw_and_dlr_losses_match_hand_computation():
+    z = torch.tensor([[3.0, 1.0, 2.0, -1.0], [0.5, 4.0, 1.0, 0.0]])
+    y = torch.tensor([0, 0])
+    # CW margin: max_{i != y} z_i - z_y
+    assert torch.allclose(common.cw_margin_loss(z, y), torch.tensor([2.0 - 3.0, 4.0 - 0.5]))
+    # DLR: -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3); sorted rows: [3,2,1,-1] and [4,1,0.5,0]
+    assert torch.allclose(common.dlr_loss(z, y), torch.tensor([-(3 - 2) / (3 - 1), -(0.5 - 4) / (4 - 0.5)]))
+    # targeted DLR: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)
+    t = torch.tensor([3, 2])
+    want = torch.tensor([-(3 - -1) / (3 - (1 + -1) / 2), -(0.5 - 1) / (4 - (0.5 + 0) / 2)])
+    assert torch.allclose(common.dlr_targeted_loss(z, y, t), want)
+    # DLR is invariant to shifting and scaling the logits; CE is not.
+    assert torch.allclose(common.dlr_loss(7 * z + 5, y), common.dlr_loss(z, y), atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------- models
+EXPECTED = {  # arch: (stage channels, pooled dim)
+    "resnet18": ([64, 128, 256, 512], 512), "preact-resnet18": ([64, 128, 256, 512], 512),
+    "wrn-16-2": ([32, 64, 128], 128), "mobilenetv2": ([24, 32, 96, 1280], 1280),
+    "papernot-cifar": ([64, 128], 256), "papernot-mnist": ([32, 64], 200)}
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+@pytest.mark.parametrize("classes", [10, 100])
+def test_every_arch_builds_with_documented_shapes(arch, classes):
+    ch, size = (1, 28) if arch == "papernot-mnist" else (3, 32)
+    model = common.build_model(arch, classes, ch, size, (0.5,) * ch, (0.25,) * ch).eval()
+    x = torch.rand(2, ch, size, size)
+    with torch.no_grad():
+        logits, feats = model(x, return_features=True)
+    stages, pooled = EXPECTED[arch]
+    assert logits.shape == (2, classes)
+    assert [s.shape[1] for s in feats["stages"]] == stages
+    assert feats["pooled"].shape == (2, pooled)
+    if arch != "papernot-mnist":  # CIFAR-style nets halve the resolution from stage to stage
+        sizes = [s.shape[-1] for s in feats["stages"]]
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] in (32, 14)
+
+
+def test_wrn_34_10_has_the_paper_parameter_count():
+    model = common.build_model("wrn-34-10", 10)
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 46.16) < 0.01
+
+
+def test_normalisation_lives_inside_the_model():
+    model = common.build_model("wrn-10-1", 10, mean=(0.2, 0.4, 0.6), std=(0.5, 0.25, 0.1)).eval()
+    x = torch.rand(4, 3, 32, 32)
+    xn = (x - torch.tensor([0.2, 0.4, 0.6]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.25, 0.1]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.body(xn)[0], atol=1e-5)
+    assert "mean" in model.state_dict() and "std" in model.state_dict()
+    model.temperature = 4.0
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.body(xn)[0] / 4, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------- data & augment
+def test_augmentation_keeps_shape_dtype_and_really_crops_and_flips():
+    torch.manual_seed(0)
+    x = torch.randint(1, 255, (256, 3, 32, 32), dtype=torch.uint8)  # no zero pixels before padding
+    out = common.augment(x, pad=4, flip=True)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert (out == 0).flatten(1).any(1).float().mean() > 0.8  # shifted images show the zero padding
+    out = common.augment(x, pad=0, flip=True)  # flips only: each image is itself or its mirror
+    flipped = (out == x.flip(3)).flatten(1).all(1)
+    assert ((out == x).flatten(1).all(1) | flipped).all() and 0.3 < flipped.float().mean() < 0.7
+    out = common.augment(x[:16], pad=4, flip=False)  # crops only (MNIST): each is a window of the padded image
+    offsets = []
+    for i in range(16):
+        xp = F.pad(x[i], (4, 4, 4, 4))
+        offsets += [(a, b) for a in range(9) for b in range(9) if (xp[:, a:a + 32, b:b + 32] == out[i]).all()]
+    assert len(offsets) == 16 and len(set(offsets)) > 8  # every crop found, at many different offsets
+
+
+def test_loader_batches_are_float_images_and_shards_cover_data():
+    x = torch.arange(100).view(100, 1, 1, 1).expand(100, 1, 4, 4).to(torch.uint8).contiguous()
+    y = torch.arange(100)
+    seen = []
+    for rank in range(2):
+        loader = common.TensorLoader(x, y, 10, "cpu", train=True, rank=rank, world=2)
+        for xb, yb in loader:
+            assert xb.dtype == torch.float32 and 0 <= xb.min() and xb.max() <= 1
+            seen += yb.tolist()
+    assert sorted(seen) == list(range(100))  # disjoint shards that cover the data
+
+
+def test_folder_dataset_decodes_caches_and_splits(tmp_path):
+    from PIL import Image
+    for split, n in (("train", 6), ("test", 2)):
+        for c, colour in (("cat", (200, 10, 10)), ("dog", (10, 10, 200))):
+            os.makedirs(tmp_path / split / c)
+            for i in range(n):
+                Image.new("RGB", (16, 16), colour).save(tmp_path / split / c / f"{i}.png")
+    (x, y), info = common.load_dataset("folder", str(tmp_path), train=True)
+    assert x.shape == (12, 3, 16, 16) and x.dtype == torch.uint8 and info.classes == ["cat", "dog"]
+    assert (y == 0).sum() == 6 and x[y == 0][:, 0].float().mean() > 150
+    assert os.path.exists(tmp_path / ".robust-distill-train.pt")
+    (x2, y2), _ = common.load_dataset("folder", str(tmp_path), train=True)  # from the cache
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_piecewise_schedule():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = common.make_schedule(opt, "piecewise", 200, 10, [100, 150], 0.1)
+    lrs = []
+    for it in range(200 * 10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[999] == pytest.approx(0.1) and lrs[1000] == pytest.approx(0.01) and lrs[1500] == pytest.approx(0.001)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    path = pgd_at(TINY + ["--out-dir", str(out), "--epochs", "2"])
+    return out, path
+
+
+def test_checkpoint_round_trip(trained_run):
+    out, path = trained_run
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["format"] == common.CHECKPOINT_FORMAT
+    for key in ("model", "arch", "dataset", "num_classes", "temperature", "method", "args", "epoch", "metrics"):
+        assert key in ckpt
+    model, _ = common.build_model_from_checkpoint(path)
+    ref = common.build_model("wrn-10-1", 10, mean=(0.5,) * 3, std=(0.25,) * 3)
+    ref.load_state_dict(ckpt["model"])
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref.eval()(x))
+    lines = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert {"loss", "train_acc", "val_clean", "val_pgd10", "lr", "seconds", "images_per_s", "eta_s"} <= set(lines[0])
+
+
+def test_resume_continues_at_the_right_epoch_with_same_optimizer_state(trained_run, tmp_path):
+    out, _ = trained_run
+    saved = torch.load(out / "last.pt", weights_only=True)
+    args = common.base_parser("t", epochs=3).parse_args(TINY + ["--out-dir", str(out), "--epochs", "3", "--resume"])
+    run = common.Run(args, "pgd-at")
+    model = run.model()
+    opt, sched = run.optimizer(model.parameters())
+    trainer = common.Trainer(run, model, opt, sched, "pgd-at")
+    assert list(trainer.epochs_to_run()) == [2]
+    bufs = [s["momentum_buffer"] for s in opt.state_dict()["state"].values()]
+    want = [s["momentum_buffer"] for s in saved["optimizer"]["state"].values()]
+    assert len(bufs) == len(want) > 0 and all(torch.equal(a, b) for a, b in zip(bufs, want))
+    assert sched.last_epoch == saved["schedule"]["last_epoch"]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved["model"].values()))
+
+
+def test_interrupted_write_leaves_old_checkpoint_intact(tmp_path, monkeypatch):
+    path = str(tmp_path / "c.pt")
+    common.atomic_save({"format": common.CHECKPOINT_FORMAT, "v": torch.ones(3)}, path)
+
+    def crash(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        common.atomic_save({"v": torch.zeros(3)}, path)
+    assert torch.equal(common.load_checkpoint(path)["v"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["c.pt"]  # no temporary file left behind
+
+
+# ---------------------------------------------------------------------------------- bad input
+def test_bad_input_gives_one_line_errors(tmp_path):
+    with pytest.raises(common.UserError, match="unknown dataset 'imagenet-42'"):
+        common.load_dataset("imagenet-42")
+    with pytest.raises(common.UserError, match="unknown arch 'resnet-9000'"):
+        common.build_model("resnet-9000", 10)
+    with pytest.raises(common.UserError, match="checkpoint not found: .*nope.pt"):
+        common.load_checkpoint(str(tmp_path / "nope.pt"))
+    (tmp_path / "bad.pt").write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(common.UserError, match="cannot read checkpoint .*bad.pt"):
+        common.load_checkpoint(str(tmp_path / "bad.pt"))
+    torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(common.UserError, match="not a robust-distill/1 checkpoint"):
+        common.load_checkpoint(str(tmp_path / "foreign.pt"))
+    os.makedirs(tmp_path / "tree" / "test" / "a")
+    with pytest.raises(common.UserError, match="has no 'train/' directory"):
+        common.load_dataset("folder", str(tmp_path / "tree"))
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "evaluate.py", str(tmp_path / "missing.pt")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'missing.pt'}"]
+
+
+def test_unsafe_pickles_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({"format": common.CHECKPOINT_FORMAT, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(common.UserError, match="cannot read checkpoint"):
+        common.load_checkpoint(str(tmp_path / "evil.pt"))

@@ -1,0 +1,210 @@
+"""Tests for infoard.py: ASA budgets, the MIM terms against hand computations, the frozen teacher, end to end."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import evaluate
+import infoard
+
+EPS = 8 / 255
+
+
+def tiny_pair(seed=0):
+    torch.manual_seed(seed)
+    student = common.build_model("wrn-10-1", 10).eval()
+    teacher = common.build_model("wrn-10-2", 10).eval()  # deliberately not frozen: the loss must not need it
+    return student, teacher
+
+
+def test_asa_eps_range_and_monotone():
+    p = torch.linspace(0, 1, 101)
+    e = infoard.asa_eps(p, EPS, 4 / 255, 12 / 255)
+    assert e.min() >= 4 / 255 - 1e-9 and e.max() <= 12 / 255 + 1e-9
+    assert math.isclose(e[0].item(), 4 / 255, rel_tol=1e-6) and math.isclose(e[-1].item(), 12 / 255, rel_tol=1e-6)
+    assert math.isclose(e[50].item(), EPS, rel_tol=1e-6)  # p = 0.5 gives the base budget
+    assert (e.diff() > 0).all()  # strictly increasing in the teacher's confidence
+    clipped = infoard.asa_eps(p, EPS, 5 / 255, 10 / 255)
+    assert clipped.min() >= 5 / 255 - 1e-9 and clipped.max() <= 10 / 255 + 1e-9 and (clipped.diff() >= 0).all()
+
+
+@pytest.mark.parametrize("inner", ["rslad", "adaad"])
+def test_each_adversarial_example_respects_its_own_eps(inner):
+    student, teacher = tiny_pair()
+    teacher.temperature = 0.02  # sharpen the random teacher so confidences (and budgets) spread out
+    torch.manual_seed(1)
+    x = 0.2 + 0.6 * torch.rand(12, 3, 16, 16)  # away from 0/1 so clamping cannot shrink the perturbation
+    t_logits = teacher(x)
+    ranked = t_logits.argsort(1, descending=True)
+    y = ranked[torch.arange(12), torch.arange(12) % 10]  # labels from the teacher's most to least likely class
+    x_adv, eps_i = infoard.asa_attack(student, teacher, x, y, t_logits, EPS, 2 / 255, 10, "conf", inner)
+    expected = infoard.asa_eps(F.softmax(t_logits, 1).gather(1, y[:, None]).squeeze(1), EPS, 4 / 255, 12 / 255)
+    assert torch.allclose(eps_i, expected)
+    assert eps_i.max() - eps_i.min() > 2 / 255  # the test really has different budgets
+    linf = (x_adv - x).flatten(1).abs().amax(1)
+    assert (linf <= eps_i + 1e-6).all()
+    assert (linf >= eps_i - 1e-5).all()  # sign steps of eps_i/4 reach each sample's own boundary
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not student.training  # mode restored (it came in eval)
+
+
+def test_asa_off_and_search():
+    student, teacher = tiny_pair()
+    teacher.temperature = 0.02
+    torch.manual_seed(2)
+    x = 0.2 + 0.6 * torch.rand(32, 3, 16, 16)
+    with torch.no_grad():
+        y = student(x).argmax(1)  # labels the student gets right on clean inputs
+    t_logits = teacher(x)
+    student.train()
+    x_adv, eps_i = infoard.asa_attack(student, teacher, x, y, t_logits, EPS, 2 / 255, 3, "off")
+    assert torch.allclose(eps_i, torch.full_like(eps_i, EPS))
+    assert ((x_adv - x).abs().amax((1, 2, 3)) <= EPS + 1e-6).all()
+    assert student.training  # mode restored
+    gamma = 2 / 255
+    x_adv, eps_i = infoard.asa_attack(student, teacher, x, y, t_logits, EPS, 2 / 255, 3, "search", gamma=gamma)
+    start = infoard.asa_eps(F.softmax(t_logits, 1).gather(1, y[:, None]).squeeze(1), EPS, 4 / 255, 12 / 255)
+    cands = torch.stack([(start + d * gamma).clamp(4 / 255, 12 / 255) for d in (-1, 0, 1)], 1)
+    assert ((eps_i[:, None] - cands).abs().amin(1) < 1e-7).all()  # one of the three candidates
+    assert ((x_adv - x).abs().amax((1, 2, 3)) <= eps_i + 1e-6).all()
+    student.eval()
+    above_smallest = eps_i > cands[:, 0] + 1e-7
+    assert above_smallest.any()  # non-vacuous: some samples were promoted
+    with torch.no_grad():  # a larger budget is only kept where the student survives it
+        assert (student(x_adv).argmax(1) == y)[above_smallest].all()
+
+
+def test_info_nce_chance_and_aligned():
+    B, tau = 8, 0.07
+    same = F.normalize(torch.ones(B, 16), dim=1)  # every negative identical to the positive
+    for sym in (True, False):
+        assert math.isclose(infoard.info_nce(same, same, tau, sym).item(), math.log(B), rel_tol=1e-5)
+    eye, tau = torch.eye(B, 16), 0.5  # aligned, orthonormal pairs: positive logit 1/tau, negatives 0
+    hand = math.log(1 + (B - 1) * math.exp(-1 / tau))
+    assert math.isclose(infoard.info_nce(eye, eye, tau).item(), hand, rel_tol=1e-5)
+    assert hand < math.log(B)
+    shuffled = eye[torch.roll(torch.arange(B), 1)]  # each positive now orthogonal, one negative matches
+    assert infoard.info_nce(eye, shuffled, tau).item() > math.log(B)
+    torch.manual_seed(9)  # general case by hand: student-anchored rows and teacher-anchored columns, averaged
+    za, zb = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
+    s = [[sum(a * b for a, b in zip(ra, rb)) / 0.07 for rb in zb.tolist()] for ra in za.tolist()]
+    rows = sum(-s[i][i] + math.log(sum(math.exp(v) for v in s[i])) for i in range(3)) / 3
+    cols = sum(-s[i][i] + math.log(sum(math.exp(s[j][i]) for j in range(3))) for i in range(3)) / 3
+    assert math.isclose(infoard.info_nce(za, zb, 0.07).item(), (rows + cols) / 2, rel_tol=1e-5)
+    assert math.isclose(infoard.info_nce(za, zb, 0.07, symmetric=False).item(), rows, rel_tol=1e-5)
+
+
+def test_rslad_kl_matches_hand_computation():
+    torch.manual_seed(3)
+    t, sa, sc = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+
+    def kl(p_logits, q_logits):  # sum_c p log(p/q), averaged over the batch, written out
+        total = 0.0
+        for pr, qr in zip(p_logits.tolist(), q_logits.tolist()):
+            zp, zq = sum(math.exp(v) for v in pr), sum(math.exp(v) for v in qr)
+            total += sum(math.exp(a) / zp * (math.log(math.exp(a) / zp) - math.log(math.exp(b) / zq)) for a, b in zip(pr, qr))
+        return total / len(p_logits)
+
+    hand = 5 / 6 * kl(t, sa) + 1 / 6 * kl(t, sc)
+    assert math.isclose(infoard.rslad_kl(t, sa, sc).item(), hand, rel_tol=1e-5)
+    assert infoard.rslad_kl(t, t, t).abs().item() < 1e-6
+
+
+def test_attention_loss_hand_and_pooling():
+    torch.manual_seed(4)
+    fs, ft = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 8, 8)
+    a_s = fs.pow(2).mean(1).reshape(2, 16)
+    a_t = ft.pow(2).mean(1).reshape(2, 4, 2, 4, 2).mean((2, 4)).reshape(2, 16)  # 2x2 average pool by hand
+    a_s, a_t = a_s / a_s.norm(dim=1, keepdim=True), a_t / a_t.norm(dim=1, keepdim=True)
+    hand = ((a_s - a_t) ** 2).mean()
+    assert torch.allclose(infoard.attention_loss([fs], [ft]), hand, atol=1e-7)
+    assert torch.allclose(infoard.attention_loss([ft], [fs]), hand, atol=1e-7)  # pooling goes to the smaller side
+    two = infoard.attention_loss([fs, fs], [ft, 3 * fs])  # second pair: same map up to scale -> adds 0
+    assert torch.allclose(two, hand, atol=1e-7)
+
+
+def test_teacher_frozen_student_and_heads_learn():
+    student, teacher = tiny_pair()
+    student.train()
+    heads = infoard.ProjectionHeads(64, 128, 32)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    torch.manual_seed(5)
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(10, (8,))
+    opt = torch.optim.SGD(list(student.parameters()) + list(heads.parameters()), lr=0.5)
+    for inner, asa in (("adaad", "conf"), ("rslad", "search")):
+        loss, logits = infoard.infoard_loss(student, teacher, heads, x, y, steps=2, asa=asa, inner=inner)
+        assert logits.shape == (8, 10) and torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in teacher.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
+        assert student.fc.weight.grad.abs().sum() > 0 and student.conv1.weight.grad.abs().sum() > 0
+        opt.step()
+        assert student.training and not teacher.training
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics untouched
+    # each MIM term contributes: switching it off changes the loss by exactly that term
+    torch.manual_seed(6)
+    full, _ = infoard.infoard_loss(student.eval(), teacher, heads, x, y, steps=0, asa="off", w_at=0)
+    torch.manual_seed(6)
+    kl_only, _ = infoard.infoard_loss(student, teacher, heads, x, y, steps=0, asa="off", w_nce=0, w_at=0)
+    zs, zt = heads(student(x, return_features=True)[1]["pooled"], teacher(x, return_features=True)[1]["pooled"])
+    assert torch.allclose(full - kl_only, infoard.info_nce(zs, zt, 0.07), atol=1e-4)
+
+
+def test_asa_off_logit_only_is_rslad():
+    """--asa off --mim logit: RSLAD's attack (KL(T(x)||S(x')), 0.001 N(0,1) start, fixed eps) and its outer loss."""
+    student, teacher = tiny_pair()
+    student.train()
+    torch.manual_seed(7)
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(10, (8,))
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    torch.manual_seed(8)
+    loss, logits = infoard.infoard_loss(student, teacher, None, x, y, steps=3, asa="off", w_nce=0, w_at=0)
+    student.load_state_dict(state)  # train-mode forwards moved the BN statistics: start again from the same state
+    torch.manual_seed(8)
+    t_logits = teacher(x)
+    student.eval()
+    x_adv = common.pgd(student, x, y, EPS, 2 / 255, 3, loss="kl", target=F.softmax(t_logits, 1), random_start="normal")
+    student.train()
+    s_adv = student(x_adv)
+    assert torch.allclose(logits, s_adv, atol=1e-5)
+    assert torch.allclose(loss, infoard.rslad_kl(t_logits, s_adv, student(x)), atol=1e-5)
+
+
+def small_synthetic(monkeypatch):
+    full = common.synthetic_data
+    monkeypatch.setattr(common, "synthetic_data", lambda: full(n_train=256, n_test=64))  # keep CPU time low
+
+
+def test_end_to_end_teacher_distil_evaluate(tmp_path, monkeypatch):
+    small_synthetic(monkeypatch)
+    tiny = ["--dataset", "synthetic", "--device", "cpu", "--batch-size", "64", "--val-size", "32", "--steps", "2",
+            "--epochs", "1", "--milestones", "1", "--arch", "wrn-10-1", "--teacher-arch", "wrn-10-2"]
+    out = tmp_path / "infoard"
+    best = infoard.main(tiny + ["--out-dir", str(out)])
+    teacher_path = str(out / "teacher" / "best.pt")
+    tck = common.load_checkpoint(teacher_path)
+    assert tck["arch"] == "wrn-10-2" and tck["method"] == "pgd-at"
+    ck = common.load_checkpoint(best)
+    assert ck["arch"] == "wrn-10-1" and ck["method"] == "infoard" and ck["temperature"] == 1.0
+    fresh = common.build_model("wrn-10-1", 10).state_dict()
+    assert set(ck["model"]) == set(fresh)  # exactly the student: no projection-head weights
+    last = common.load_checkpoint(str(out / "last.pt"))
+    assert set(last["extra"]["heads"]) == {"student.weight", "student.bias", "teacher.weight", "teacher.bias"}
+    assert last["extra"]["heads"]["teacher.weight"].shape == (128, 128)  # wrn-10-2 pooled 128 -> 128
+    report = evaluate.main([best, "--preset", "quick", "--n", "64", "--device", "cpu", "--json", str(tmp_path / "r.json")])
+    assert report["method"] == "infoard" and report["arch"] == "wrn-10-1"
+    assert 0 <= report["robust_acc"] <= report["clean_acc"] <= 1
+    # --resume of a finished run reloads both stages (heads included) and trains nothing
+    assert infoard.main(tiny + ["--out-dir", str(out), "--resume"]) == best
+    # the RSLAD baseline (--asa off --mim logit) from the same teacher via --teacher: no heads at all
+    base = infoard.main(tiny + ["--teacher", teacher_path, "--asa", "off", "--mim", "logit",
+                                "--out-dir", str(tmp_path / "rslad")])
+    assert common.load_checkpoint(base)["method"] == "rslad"
+    assert common.load_checkpoint(str(tmp_path / "rslad" / "last.pt"))["extra"] == {}
+    # a stage index the models lack is a one-line UserError
+    with pytest.raises(common.UserError, match="at-stages"):
+        infoard.main(tiny + ["--teacher", teacher_path, "--at-stages", "3", "--out-dir", str(tmp_path / "bad")])
