@@ -511,6 +511,16 @@ def model_for(arch, info):
     return build_model(arch, info.num_classes, info.channels, info.size, info.mean, info.std)
 
 
+def attention_map(fmap, size=None):
+    """Attention Transfer map (Zagoruyko & Komodakis 2017) of a (B, C, H, W) activation: channel mean of
+    squares (sign-free, so pre-activation sums work too), optionally average-pooled to `size` (to compare
+    stages of different resolution), flattened, unit L2 norm per sample: *where* the network looks."""
+    a = fmap.float().pow(2).mean(1, keepdim=True)
+    if size is not None and tuple(a.shape[-2:]) != tuple(size):
+        a = F.adaptive_avg_pool2d(a, size)
+    return F.normalize(a.flatten(1), dim=1)
+
+
 ##############################################################################################
 #                                         Attacks                                            #
 ##############################################################################################
@@ -631,7 +641,9 @@ class Run:
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         cuda = torch.cuda.is_available() and args.device != "cpu"
-        self.device = torch.device(args.device or (f"cuda:{local}" if cuda else "cpu"))
+        self.device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", local)  # one GPU per torchrun process (set_device needs an index)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
@@ -793,6 +805,19 @@ def build_model_from_checkpoint(path_or_ckpt, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
+def load_teacher(path, run):
+    """A frozen teacher from any checkpoint of this project: eval mode, no gradients, temperature 1 (the
+    method applies its own temperature explicitly); refuses a checkpoint made for other data."""
+    teacher, ck = build_model_from_checkpoint(path, run.device)
+    if ck["dataset"] != run.args.dataset or ck["num_classes"] != run.info.num_classes:
+        raise UserError(f"teacher {path} is for {ck['dataset']} ({ck['num_classes']} classes), "
+                        f"not {run.args.dataset} ({run.info.num_classes} classes)")
+    teacher.temperature = 1.0
+    if run.device.type == "cuda":
+        teacher = teacher.to(memory_format=torch.channels_last)
+    return teacher.eval().requires_grad_(False)
+
+
 class Trainer:
     """Per-epoch bookkeeping shared by all methods: validation, log line + JSON lines, best/last checkpoints, resume.
 
@@ -807,6 +832,10 @@ class Trainer:
         self.epochs = epochs if epochs is not None else run.args.epochs
         self.temperature, self.select = temperature, select
         self.extra_state = extra_state or {}  # name -> module or optimizer also saved in last.pt (e.g. heads)
+        if dist.is_initialized():  # Run seeds each rank differently: helper modules start from rank 0's weights
+            for obj in self.extra_state.values():
+                for t in obj.state_dict().values() if isinstance(obj, nn.Module) else ():
+                    dist.broadcast(t, 0)
         self.start_epoch, self.best, self.t0 = 0, -1.0, time.time()
         if run.main:
             os.makedirs(self.out_dir, exist_ok=True)
