@@ -17,8 +17,9 @@ and the training loss on a batch (x, y), with x' = PGD(x) crafted against the mo
         + lambda_alp  mean_{b,k} (f(x)_bk - f(x')_bk)^2
         + beta_at     sum_{j in stages} mean_{b,p} (a(A_j(x))_bp - a(A_j(x'))_bp)^2
 
-Gradients flow through both branches of each pairing term (no stop-gradient). Special cases, same file:
-  --alp 0 --at 0 --w-clean 0 --w-adv 1   plain Madry PGD-AT (the baseline; the clean forward is skipped)
+Gradients flow through both branches of each pairing term (no stop-gradient: our reading [I], §3.2).
+Special cases, same file:
+  --alp 0 --at 0 --w-clean 0 --w-adv 1   Madry's PGD-AT objective (the baseline; no clean forward)
   --alp 0 --at 0                         mixed-minibatch adversarial training (Kannan et al.'s M-PGD)
   --at 0                                 ALP;   --alp 0: attention pairing only
 
@@ -46,6 +47,8 @@ Fidelity (tags refer to research/at_alp.md). Only the abstract of the paper was 
     AT+ALP); the stages paired (default all); untargeted PGD on the true label for training (ALP used
     least-likely targeted PGD: --targeted-ll); no label smoothing (ALP's code used 0.1); the architecture,
     optimiser and schedule (the shared defaults of this repository).
+  Stage maps (ours): the maps paired are common.py's. For wrn the third stage is taken after the final
+    BN-ReLU, whereas the AT code pairs that group's output before the BN (the other stages match).
 """
 import time
 
@@ -55,21 +58,16 @@ import torch.nn.functional as F
 import common
 
 
-def attention_map(fmap):
-    """Attention Transfer map of a (B, C, H, W) activation: (B, H*W), unit L2 norm per sample.
-
-    Squaring makes it depend on activation magnitude only (so pre-activation residual sums work too);
-    normalising makes it a *where* map, independent of the overall scale of the stage.
-    """
-    a = fmap.float().pow(2).mean(1).flatten(1)
-    return F.normalize(a, p=2, dim=1, eps=1e-12)
-
-
 def attention_pairing_loss(stages_a, stages_b):
-    """sum_j mean_{b,p} (a(A_j) - a(B_j))^2 over paired stage maps (the AT code's at_loss, summed)."""
+    """sum_j mean_{b,p} (a(A_j) - a(B_j))^2 over paired stage maps (the AT code's at_loss, summed).
+
+    a = common.attention_map: squaring makes it depend on activation magnitude only (so pre-activation
+    residual sums work too); normalising makes it a *where* map, independent of the stage's overall scale.
+    """
     if len(stages_a) != len(stages_b):
         raise ValueError(f"got {len(stages_a)} and {len(stages_b)} stage maps to pair")
-    return sum((attention_map(a) - attention_map(b)).pow(2).mean() for a, b in zip(stages_a, stages_b))
+    return sum((common.attention_map(a) - common.attention_map(b)).pow(2).mean()
+               for a, b in zip(stages_a, stages_b))
 
 
 def craft_adversary(model, x, y, eps, alpha, steps, targeted_ll=False):
@@ -103,8 +101,8 @@ def at_alp_loss(model, x, y, eps, alpha, steps, w_clean=0.5, w_adv=0.5, lam_alp=
     """
     x_adv = craft_adversary(model, x, y, eps, alpha, steps, targeted_ll)
     if w_clean == 0 and lam_alp == 0 and beta_at == 0:
-        # Nothing uses the clean batch: skip its forward. With w_adv = 1 this is exactly Madry's PGD-AT
-        # (BatchNorm sees only x', as in Madry's code), not an approximation of it.
+        # Nothing uses the clean batch: skip its forward (BatchNorm sees only x'). With w_adv = 1 this is
+        # Madry's objective; the attack is crafted in eval mode (ours, as ALP's code; Madry's used train mode).
         logits_adv = model(x_adv)
         return w_adv * F.cross_entropy(logits_adv.float(), y), logits_adv
     need_at = beta_at != 0
@@ -127,7 +125,7 @@ def at_alp_loss(model, x, y, eps, alpha, steps, w_clean=0.5, w_adv=0.5, lam_alp=
         n = len(maps_c)
         idx = list(range(n)) if stages is None else list(stages)
         if any(not 0 <= j < n for j in idx):
-            raise common.UserError(f"--at-stages {idx}: this model has {n} stages (indices 0..{n - 1})")
+            raise ValueError(f"stages {idx}: this model has {n} stage maps (indices 0..{n - 1})")
         loss = loss + beta_at * attention_pairing_loss([maps_c[j] for j in idx], [maps_a[j] for j in idx])
     return loss, logits_a
 
@@ -135,8 +133,10 @@ def at_alp_loss(model, x, y, eps, alpha, steps, w_clean=0.5, w_adv=0.5, lam_alp=
 def get_args(argv=None):
     p = common.base_parser("AT+ALP: adversarial training with attention and adversarial logit pairing "
                            "(Goodman et al., arXiv 1908.11435)")
-    p.add_argument("--w-clean", type=float, default=0.5, help="weight of CE on clean x (ALP's mixed minibatch)")
-    p.add_argument("--w-adv", type=float, default=0.5, help="weight of CE on adversarial x'")
+    p.add_argument("--w-clean", type=float, default=0.5,
+                   help="weight of CE on clean x (ALP's mixed minibatch; precursor's value, not confirmed for AT+ALP)")
+    p.add_argument("--w-adv", type=float, default=0.5,
+                   help="weight of CE on adversarial x' (precursor's value, not confirmed for AT+ALP)")
     p.add_argument("--alp", type=float, default=0.5,
                    help="lambda_alp, weight of the logit pairing MSE (ALP's README value; not confirmed for AT+ALP)")
     p.add_argument("--at", type=float, default=1000.0,
@@ -162,10 +162,25 @@ def get_args(argv=None):
     return args
 
 
+def num_stages(model, info, device):
+    """Number of stage maps the model returns, from one forward in eval mode (checks --at-stages once)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        _, f = model(torch.zeros(1, info.channels, info.size, info.size, device=device), return_features=True)
+    model.train(was_training)
+    return len(f["stages"])
+
+
 def main(argv=None):
     args = get_args(argv)
     run = common.Run(args, "at_alp")
     model = run.model()
+    if args.at and args.at_stages is not None:
+        n = num_stages(model, run.info, run.device)
+        if max(args.at_stages) >= n:
+            raise common.UserError(f"--at-stages {args.at_stages}: --arch {args.arch} has {n} stage maps "
+                                   f"(indices 0..{n - 1})")
     train_model = run.prepare(model)
     opt, sched = run.optimizer(model.parameters())
     trainer = common.Trainer(run, model, opt, sched, "at_alp")  # best.pt by validation PGD-10

@@ -147,7 +147,7 @@ def run_attack(name, model, x, y, eps, alpha, source=None, apgd_iters=100, squar
     if name == "apgd-ce":
         return apgd(model, x, y, eps, apgd_iters, "ce")
     if name == "apgd-t":
-        return apgd_targeted(model, x, y, eps, apgd_iters) if model(x[:1]).shape[1] >= 4 else x
+        return apgd_targeted(model, x, y, eps, apgd_iters) if predict_logits(model, x[:1]).shape[1] >= 4 else x
     if name == "square":
         return square_attack(model, x, y, eps, square_queries)
     if name == "transfer":
@@ -186,9 +186,13 @@ def cascade(model, x, y, names, attack, eps, autocast, seconds):
     return masks, x_show
 
 
-def predict(model, x):
+def predict_logits(model, x):
     with torch.no_grad():
-        return model(x).argmax(1)
+        return model(x)
+
+
+def predict(model, x):
+    return predict_logits(model, x).argmax(1)
 
 
 def sync(device):
@@ -302,6 +306,11 @@ def main(argv=None):
     for name in names:
         if name not in ATTACKS:
             raise common.UserError(f"unknown attack '{name}' (choose from {', '.join(ATTACKS)})")
+    if "autoattack" in names:
+        try:
+            import autoattack  # noqa: F401  (optional: only for comparing with the official package)
+        except ImportError:
+            raise common.UserError("--attacks autoattack needs the official package (fra31/auto-attack) installed") from None
     source = None
     if "transfer" in names or args.transfer_from:
         if not args.transfer_from:

@@ -3,15 +3,17 @@
 Paper: Erh-Chung Chen, Che-Rung Lee, "LTD: Low Temperature Distillation for Robust Adversarial Training"
 (v1 2021; v4 2025 retitled "... for Gradient Masking-free Adversarial Training"), arXiv:2111.02331.
 Base methods: TRADES (Zhang et al., ICML 2019, arXiv:1901.08573) and AWP (Wu et al., NeurIPS 2020,
-arXiv:2004.05884); the authors' CIFAR-10 models were trained from the TRADES-AWP code.
+arXiv:2004.05884); the authors' CIFAR-10 logs point to the TRADES-AWP code (CIFAR-100's do not).
 
 The idea. One-hot labels are wrong for ambiguous images. A teacher gives soft labels through a
 temperature-scaled softmax at a "relatively low" temperature tau_t, and they replace the one-hot labels.
-The student's logits are divided by its own fixed temperature tau_s != tau_t, and this is kept at test
-time as well. Defensive distillation trains at T and deploys at T = 1; that mismatch inflates the logits
-and masks gradients. LTD has no such mismatch.
+The student's logits are divided by its own fixed temperature tau_s, and this is kept at test
+time as well. Defensive distillation trains at T and deploys at T = 1; that mismatch inflates the
+logits and masks gradients. LTD has no such mismatch. tau_t and tau_s must differ (the abstract:
+"different, but fixed"); we do not force tau_t < tau_s, as "relatively low" may be relative to the
+usual KD temperatures rather than to tau_s (notes section 6), so sweeps either way are allowed.
 
-The loss (z(.) = f_S(.) / tau_s, the student's logits divided by tau_s everywhere; beta = 6):
+The loss, an [I] reconstruction (notes section 6); z(.) = f_S(.) / tau_s everywhere, beta = 6:
     p_t   = softmax(f_T(x) / tau_t)                       teacher frozen, eval mode, no grad
     x_adv = argmax_{|x'-x|_inf <= eps} KL(softmax(z(x)) || softmax(z(x')))   (TRADES inner max, eval mode)
     L     = -sum_k p_t[k] log softmax(z(x))[k]  +  beta * KL(softmax(z(x)) || softmax(z(x_adv)))
@@ -31,11 +33,14 @@ MEASURED NUMBERS FOR THIS SCRIPT: none yet; none were measured on real data.
 Fidelity (tags from research/ltd.md; the paper body was not available, only its abstracts):
   confirmed [C]: soft labels from a teacher through a temperature softmax; the teacher temperature is
     "relatively low"; tau_t and tau_s are fixed and different; tau_s is kept at inference (checkpoint
-    `temperature` = tau_s). The CIFAR-10 models came from the TRADES-AWP code, and we use its recipe
-    (section 5): WRN-34-10, 200 epochs, SGD lr 0.1 momentum 0.9 wd 5e-4, batch 128, lr x0.1 at epoch 100
-    and x0.01 at 150, the KL attack with 10 steps of 2/255 in eps 8/255 from x + 0.001 N(0,1) in eval
-    mode, beta = 6, AWP gamma 5e-3 from epoch 10 on conv/fc weights. A "model-best" file was released.
+    `temperature` = tau_s). The CIFAR-10 AutoAttack logs name the TRADES-AWP code (section 2); a
+    "model-best" file was released.
   reconstructed [I], each open choice a flag:
+    * the base recipe is the TRADES-AWP code's (section 5: [C] for that code, [I] that LTD kept it):
+      WRN-34-10, 200 epochs, SGD lr 0.1 momentum 0.9 wd 5e-4, batch 128, lr x0.1 at epoch 100 and x0.01
+      at 150, the KL attack with 10 steps of 2/255 in eps 8/255 from x + 0.001 N(0,1) in eval mode,
+      beta = 6, AWP gamma 5e-3 from epoch 10 on conv/fc weights. The CIFAR-100 log does not name that
+      code, so the lineage of the CIFAR-100 model (our default command) is [I]/[U].
     * the loss above: p_t replaces y in the natural term, the teacher sees clean x, and the student is
       divided by tau_s in the loss, the attack and the AWP step (section 6). Alternatives: --soft-on
       adversarial|both (p_t replaces softmax(z(x)) as the KL target) and --teacher-input adv.
@@ -83,8 +88,8 @@ def ltd_outer_loss(z_nat, z_adv, y, beta=6.0, soft=None, soft_on="natural"):
 
 def ltd_loss(model, x, x_adv, y, beta=6.0, tau_s=1.0, soft=None, soft_on="natural"):
     """Drop-in training loss: (loss, adversarial logits). The model is in train mode; x_adv comes from trades_attack."""
-    z_nat = model(x) / tau_s
-    z_adv = model(x_adv) / tau_s
+    z_nat = model(x).float() / tau_s  # divide in float32, not in bf16 under autocast
+    z_adv = model(x_adv).float() / tau_s
     return ltd_outer_loss(z_nat, z_adv, y, beta, soft, soft_on), z_adv
 
 
@@ -94,7 +99,7 @@ def trades_attack(model, x, eps, alpha, steps, tau_s=1.0):
     model.eval()  # BN in eval mode: the attack reads the network without changing its statistics
     with torch.no_grad():
         p_nat = F.softmax(model(x).float() / tau_s, 1)
-    x_adv = common.pgd(lambda v: model(v) / tau_s, x, None, eps, alpha, steps, loss="kl", target=p_nat,
+    x_adv = common.pgd(lambda v: model(v).float() / tau_s, x, None, eps, alpha, steps, loss="kl", target=p_nat,
                        random_start="normal")  # start at x + 0.001 N(0, 1), as in the TRADES code
     model.train(was_training)
     return x_adv
@@ -103,6 +108,7 @@ def trades_attack(model, x, eps, alpha, steps, tau_s=1.0):
 @torch.no_grad()
 def teacher_soft_labels(teacher, x, tau_t):
     """p_t = softmax(f_T(x) / tau_t) from a frozen teacher in eval mode (its own .temperature must be 1)."""
+    assert not teacher.training, "the teacher must be in eval mode (train mode would update its BN statistics)"
     return F.softmax(teacher(x).float() / tau_t, 1)
 
 
@@ -142,24 +148,28 @@ def awp_restore(model, saved):
 def get_args(argv=None):
     p = common.base_parser("LTD (Chen & Lee, arXiv:2111.02331) on TRADES-AWP; --no-distill: the TRADES(-AWP) "
                            "baseline", arch="wrn-34-10", epochs=200)
-    p.add_argument("--tau-t", type=float, default=0.5, help="teacher temperature, 'relatively low' (value ours)")
-    p.add_argument("--tau-s", type=float, default=2.0,
-                   help="student temperature in training, attack, AWP and deployment (value ours)")
+    p.add_argument("--tau-t", type=float, default=0.5,
+                   help="teacher temperature, 'relatively low' (value ours); must differ from --tau-s (the abstract: "
+                        "fixed and different), either may be larger, sweeps allowed; ignored with --no-distill")
+    p.add_argument("--tau-s", type=float, default=2.0, help="student temperature in training, attack, AWP and "
+                   "deployment (value ours); ignored with --no-distill (tau_s = 1)")
     p.add_argument("--soft-on", default="natural", choices=["natural", "adversarial", "both"],
                    help="terms whose target is the teacher's soft label (ours; open in the paper)")
     p.add_argument("--teacher-input", default="clean", choices=["clean", "adv"],
                    help="teacher labels computed on x or on the student's x_adv (ours; open in the paper)")
     p.add_argument("--beta", type=float, default=6.0, help="TRADES weight of the KL term")
     p.add_argument("--awp", action=argparse.BooleanOptionalAction, default=True,
-                   help="adversarial weight perturbation (the TRADES-AWP code the LTD models came from)")
+                   help="adversarial weight perturbation (the TRADES-AWP code the CIFAR-10 LTD models came from)")
     p.add_argument("--awp-gamma", type=float, default=5e-3, help="AWP size relative to each layer's norm")
     p.add_argument("--awp-warmup", type=int, default=10, help="first epoch (1-based) with AWP")
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: train TRADES(-AWP) first)")
     p.add_argument("--teacher-arch", default=None, help="arch of the teacher trained here (default: --arch)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default: --epochs)")
-    p.add_argument("--no-distill", action="store_true", help="plain TRADES(-AWP): one-hot labels, tau_s = 1")
+    p.add_argument("--no-distill", action="store_true",
+                   help="plain TRADES(-AWP): one-hot labels, tau_s = 1; --tau-t/-s, --soft-on, "
+                        "--teacher-input/-arch/-epochs are then ignored")
     args = p.parse_args(argv)
-    if args.tau_t <= 0 or args.tau_s <= 0 or args.tau_t == args.tau_s:
+    if not args.no_distill and (args.tau_t <= 0 or args.tau_s <= 0 or args.tau_t == args.tau_s):
         raise common.UserError(f"--tau-t and --tau-s must be > 0 and different (got {args.tau_t}, {args.tau_s})")
     if args.beta < 0 or args.awp_gamma < 0:
         raise common.UserError("--beta and --awp-gamma must be >= 0")
@@ -168,18 +178,6 @@ def get_args(argv=None):
     if args.no_distill and args.teacher:
         raise common.UserError("--teacher has no use with --no-distill (the baseline trains without a teacher)")
     return args
-
-
-def load_teacher(path, run):
-    """A frozen teacher from any checkpoint of this project, at temperature 1 (tau_t is applied explicitly)."""
-    teacher, ck = common.build_model_from_checkpoint(path, run.device)
-    if ck["dataset"] != run.args.dataset or ck["num_classes"] != run.info.num_classes:
-        raise common.UserError(f"teacher {path} is for {ck['dataset']} ({ck['num_classes']} classes), "
-                               f"not {run.args.dataset} ({run.info.num_classes} classes)")
-    teacher.temperature = 1.0
-    if run.device.type == "cuda":
-        teacher = teacher.to(memory_format=torch.channels_last)
-    return teacher.eval().requires_grad_(False)
 
 
 def train_stage(run, model, method, out_dir, epochs, tau_s=1.0, teacher=None):
@@ -227,14 +225,9 @@ def main(argv=None):
         return train_stage(run, run.model(), base, args.out_dir, args.epochs)
     path = args.teacher
     if path is None:
-        # Checkpoints record args.arch (common.make_checkpoint): name the teacher's arch while it trains.
-        student_arch, args.arch = args.arch, args.teacher_arch or args.arch
-        try:
-            path = train_stage(run, run.model(), base, os.path.join(args.out_dir, "teacher"),
-                               args.teacher_epochs or args.epochs)
-        finally:
-            args.arch = student_arch
-    teacher = load_teacher(path, run)
+        path = train_stage(run, run.model(args.teacher_arch), base, os.path.join(args.out_dir, "teacher"),
+                           args.teacher_epochs or args.epochs)
+    teacher = common.load_teacher(path, run)  # frozen, eval, temperature 1
     return train_stage(run, run.model(), "ltd", args.out_dir, args.epochs, args.tau_s, teacher)
 
 

@@ -11,15 +11,6 @@ import common
 from tests.util import TINY
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: OpenMP threads spin against each other (~50x slower). Restored after.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     return common.build_model("wrn-10-1", 10, 3, 32, (0.5,) * 3, (0.25,) * 3)
@@ -28,19 +19,6 @@ def tiny_model(seed=0):
 def batch(n=8):
     (x, y), _ = common.load_dataset("synthetic", train=False)
     return x[:n].float() / 255, y[:n]
-
-
-def test_attention_map_hand_value_norm_and_sign():
-    # one sample, 2 channels, 2x2: channel mean of squares = [[(1+9)/2, 0], [2, (4+4)/2]] = [5, 0, 2, 4]
-    f = torch.tensor([[[[1., 0.], [2., 2.]], [[3., 0.], [0., -2.]]]])
-    v = torch.tensor([5., 0., 2., 4.])
-    assert torch.allclose(at_alp.attention_map(f), (v / v.norm())[None])
-    g = torch.randn(5, 7, 6, 6)
-    a = at_alp.attention_map(g)
-    assert a.shape == (5, 36)
-    assert torch.allclose(a.norm(dim=1), torch.ones(5), atol=1e-6)
-    assert torch.allclose(at_alp.attention_map(-g), a)  # squared: sign of activations irrelevant
-    assert torch.allclose(at_alp.attention_map(3.0 * g), a, atol=1e-6)  # normalised: scale irrelevant
 
 
 def test_attention_pairing_loss_zero_iff_same_and_hand_value():
@@ -98,19 +76,32 @@ def test_full_loss_matches_hand_computation_in_eval_mode(separate):
     # gradients flow through both branches of both pairing terms (no stop-gradient), as in the hand loss
     for g, h in zip(got_grad, torch.autograd.grad(want, [model.conv1.weight, model.fc.weight])):
         assert torch.allclose(g, h, rtol=1e-3, atol=1e-6)
-    with pytest.raises(common.UserError):
+    with pytest.raises(ValueError):
         at_alp.at_alp_loss(model, x, y, eps, alpha, 1, stages=[3])  # wrn has stages 0..2
 
 
-def test_joint_forward_shares_batchnorm_statistics_in_train_mode():
-    model, (x, y) = tiny_model(), batch()
-    model.train()
-    torch.manual_seed(2)
-    joint, _ = at_alp.at_alp_loss(model, x, y, 8 / 255, 2 / 255, 2, beta_at=0)
+def test_joint_forward_is_one_train_mode_forward_of_the_concatenated_batch():
+    # Train mode: the default must be ONE forward of [x; x'] (BatchNorm statistics over all 2B samples),
+    # checked against that forward built by hand; two separate forwards give a different loss.
+    (x, y), wc, wa, lam, beta = batch(), 0.3, 0.7, 0.5, 1000.0
     model = tiny_model()
     model.train()
     torch.manual_seed(2)
-    sep, _ = at_alp.at_alp_loss(model, x, y, 8 / 255, 2 / 255, 2, beta_at=0, separate_forward=True)
+    joint, logits_adv = at_alp.at_alp_loss(model, x, y, 8 / 255, 2 / 255, 2, wc, wa, lam, beta)
+    model = tiny_model()  # fresh copy: the call above moved the BN running stats the attack uses
+    torch.manual_seed(2)
+    model.eval()
+    x_adv = common.pgd(model, x, y, 8 / 255, 2 / 255, 2)
+    model.train()
+    z, f = model(torch.cat([x, x_adv]), return_features=True)
+    zc, za = z.chunk(2)
+    at_term = sum(at_alp.attention_pairing_loss([m.chunk(2)[0]], [m.chunk(2)[1]]) for m in f["stages"])
+    want = wc * F.cross_entropy(zc, y) + wa * F.cross_entropy(za, y) + lam * ((zc - za) ** 2).mean() + beta * at_term
+    assert at_term > 0 and torch.equal(joint, want) and torch.equal(logits_adv, za)
+    model = tiny_model()
+    model.train()
+    torch.manual_seed(2)
+    sep, _ = at_alp.at_alp_loss(model, x, y, 8 / 255, 2 / 255, 2, wc, wa, lam, beta, separate_forward=True)
     assert abs(joint.item() - sep.item()) > 1e-6  # the two options really differ in train mode
 
 
@@ -129,10 +120,19 @@ def test_targeted_ll_moves_towards_least_likely_class():
         assert F.cross_entropy(model(x_unt), y) > F.cross_entropy(model(x), y)
 
 
-def test_bad_flags_raise_user_error():
+def test_defaults():
+    a = at_alp.get_args([])
+    assert (a.w_clean, a.w_adv, a.alp, a.at, a.steps) == (0.5, 0.5, 0.5, 1000.0, 10)
+    assert a.at_stages is None and not a.targeted_ll and not a.separate_forward
+    assert a.eps is None  # filled from the dataset by common.Run (8/255 for CIFAR)
+
+
+def test_bad_flags_raise_user_error(tmp_path):
     for bad in (["--alp", "-1"], ["--w-clean", "0", "--w-adv", "0"], ["--steps", "0"], ["--at-stages", "-1"]):
         with pytest.raises(common.UserError):
             at_alp.get_args(bad)
+    with pytest.raises(common.UserError, match="3 stage maps"):  # checked once in main, before training
+        at_alp.main(TINY + ["--out-dir", str(tmp_path), "--at-stages", "0", "3"])
 
 
 def test_end_to_end_train_then_evaluate_white_and_gray_box(tmp_path):

@@ -48,6 +48,13 @@ def test_each_adversarial_example_respects_its_own_eps(inner):
     assert (linf >= eps_i - 1e-5).all()  # sign steps of eps_i/4 reach each sample's own boundary
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert not student.training  # mode restored (it came in eval)
+    # the step is each sample's own eps_i / 4: two sign steps reach eps_i / 2 plus at most ~0.004 of the
+    # 0.001 N(0,1) start (10 steps reach any boundary, so check 2); one shared step cannot fit a window of
+    # width 0.005 on budgets this far apart
+    assert (eps_i / 2).max() - (eps_i / 2).min() > 0.006
+    x_adv, _ = infoard.asa_attack(student, teacher, x, y, t_logits, EPS, 2 / 255, 2, "conf", inner)
+    excess = (x_adv - x).flatten(1).abs().amax(1) - eps_i / 2
+    assert ((excess > -0.001) & (excess < 0.005)).all()
 
 
 def test_asa_off_and_search():
@@ -125,6 +132,21 @@ def test_attention_loss_hand_and_pooling():
     assert torch.allclose(two, hand, atol=1e-7)
 
 
+def test_defaults():
+    a = infoard.get_args([])
+    assert (a.weight_decay, a.lr, a.momentum, a.epochs, a.milestones, a.batch_size) == (2e-4, 0.1, 0.9, 200, [100, 150], 128)
+    assert (a.steps, a.eps, a.alpha, a.teacher_epochs, a.teacher_arch) == (10, None, None, 200, "wrn-34-10")
+    assert (a.asa, a.inner, a.w_kl, a.w_nce, a.w_at, a.nce_tau, a.nce_dim) == ("conf", "rslad", 1.0, 1.0, 1000.0, 0.07, 128)
+    assert a.asa_range is None and a.at_stages == [0, 1, 2] and a.asa_gamma == 1.9 / 255
+    base = infoard.get_args(["--asa", "off", "--mim", "logit"])
+    assert (base.w_nce, base.w_at, base.w_kl) == (0, 0, 1.0)  # the RSLAD arm: only the KL is left
+    assert infoard.get_args(["--mim", "logit+attention"]).w_nce == 0
+    info = common.load_dataset("synthetic")[1]  # eps / alpha come from the dataset (common.Run fills them)
+    assert (info.eps, info.alpha) == (8 / 255, 2 / 255)
+    with pytest.raises(common.UserError, match="asa-range"):
+        infoard.get_args(["--asa-range", "0.1", "0.05"])
+
+
 def test_teacher_frozen_student_and_heads_learn():
     student, teacher = tiny_pair()
     student.train()
@@ -145,6 +167,16 @@ def test_teacher_frozen_student_and_heads_learn():
         assert student.training and not teacher.training
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics untouched
+    with pytest.raises(AssertionError, match="eval mode"):  # a train-mode teacher would move its BN statistics
+        infoard.infoard_loss(student, teacher.train(), heads, x, y, steps=0)
+    teacher.eval()
+    dtypes = []  # the projection heads run in float32 even under (CPU bf16) autocast
+    handle = heads.student.register_forward_hook(lambda m, i, o: dtypes.append((i[0].dtype, o.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert student(x).dtype == torch.bfloat16  # autocast really is on
+        infoard.infoard_loss(student, teacher, heads, x, y, steps=0, asa="off", w_at=0)
+    handle.remove()
+    assert dtypes == [(torch.float32, torch.float32)]
     # each MIM term contributes: switching it off changes the loss by exactly that term
     torch.manual_seed(6)
     full, _ = infoard.infoard_loss(student.eval(), teacher, heads, x, y, steps=0, asa="off", w_at=0)

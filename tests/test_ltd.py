@@ -11,15 +11,6 @@ import ltd
 from tests.util import TINY
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core box extra threads only spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     return common.build_model("wrn-10-1", 10, 3, 32, (0.5,) * 3, (0.25,) * 3)
@@ -58,6 +49,39 @@ def test_trades_outer_loss_equals_hand_computation():
     assert ltd.ltd_outer_loss(z_nat, z_adv, y, 6.0).item() == pytest.approx(hand_trades(z_nat, z_adv, y, 6.0), rel=1e-5)
 
 
+def torch_trades(z_nat, z_adv, y, beta, soft=None):
+    """Hand TRADES in differentiable torch ops: the clean target softmax(z_nat) keeps its gradient."""
+    lp_nat, lp_adv = z_nat.log_softmax(1), z_adv.log_softmax(1)
+    natural = -lp_nat.gather(1, y[:, None]).mean() if soft is None else -(soft * lp_nat).sum(1).mean()
+    return natural + beta * (lp_nat.exp() * (lp_nat - lp_adv)).sum(1).mean()
+
+
+@pytest.mark.parametrize("with_soft", [False, True])
+def test_outer_loss_gradients_equal_hand_trades(with_soft):
+    g = torch.Generator().manual_seed(3)
+    z_nat, z_adv = torch.randn(6, 5, generator=g) * 2, torch.randn(6, 5, generator=g) * 2
+    y, soft = torch.tensor([0, 4, 1, 2, 3, 1]), F.softmax(torch.randn(6, 5, generator=g), 1) if with_soft else None
+    zs = [z_nat.requires_grad_(), z_adv.requires_grad_()]
+    got = torch.autograd.grad(ltd.ltd_outer_loss(z_nat, z_adv, y, 6.0, soft), zs)
+    want = torch.autograd.grad(torch_trades(z_nat, z_adv, y, 6.0, soft), zs)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    # the check can tell: a detached clean target changes the gradient w.r.t. z_nat
+    lp_nat, lp_adv = z_nat.log_softmax(1), z_adv.log_softmax(1)
+    wrong = -lp_nat.gather(1, y[:, None]).mean() + 6.0 * (lp_nat.exp().detach() * (lp_nat - lp_adv)).sum(1).mean()
+    assert not torch.allclose(torch.autograd.grad(wrong, z_nat)[0], want[0], rtol=1e-2)
+
+
+def test_teacher_soft_labels_by_hand():
+    teacher = torch.nn.Identity().eval()  # the "teacher" returns its input as logits
+    f = torch.tensor([[0.0, math.log(3)], [math.log(2), 0.0]])
+    # tau_t = 0.5: logits (0, 2 ln 3) -> (1, 9) / 10 and (2 ln 2, 0) -> (4, 1) / 5
+    want = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
+    assert torch.allclose(ltd.teacher_soft_labels(teacher, f, 0.5), want, atol=1e-6)
+    with pytest.raises(AssertionError, match="eval"):  # a teacher in train mode would update its BN statistics
+        ltd.teacher_soft_labels(teacher.train(), f, 0.5)
+
+
 @pytest.mark.parametrize("soft_on", ["natural", "adversarial", "both"])
 def test_soft_label_loss_equals_hand_computation(soft_on):
     g = torch.Generator().manual_seed(2)
@@ -86,7 +110,7 @@ def test_ltd_with_one_hot_labels_and_unit_temperature_is_trades():
     assert torch.allclose(logits, z_adv / 2, atol=1e-6)
 
 
-def test_trades_attack_stays_in_ball_raises_kl_and_restores_mode():
+def test_trades_attack_is_pgd_on_kl_at_tau_s_in_eval_mode():
     model, (x, y) = tiny_model(), batch()
     model.train()
     bn_before = copy.deepcopy(model.state_dict())
@@ -95,9 +119,15 @@ def test_trades_attack_stays_in_ball_raises_kl_and_restores_mode():
     assert model.training
     assert all(torch.equal(v, bn_before[k]) for k, v in model.state_dict().items())  # eval mode: BN stats untouched
     assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
-    model.eval()
+    model.eval()  # the same attack written out: KL(softmax(f(x)/2) || softmax(f(x')/2)) from x + 0.001 N(0, 1)
     with torch.no_grad():
-        kl = lambda xa: F.kl_div(F.log_softmax(model(xa) / 2, 1), F.softmax(model(x) / 2, 1), reduction="batchmean")
+        target = F.softmax(model(x) / 2, 1)
+    torch.manual_seed(0)
+    want = common.pgd(lambda v: model(v) / 2, x, None, 8 / 255, 2 / 255, 5, loss="kl", target=target,
+                      random_start="normal")
+    assert torch.equal(x_adv, want)
+    with torch.no_grad():
+        kl = lambda xa: F.kl_div(F.log_softmax(model(xa) / 2, 1), target, reduction="batchmean")
         assert kl(x_adv) > 10 * kl((x + 0.001 * torch.randn_like(x)).clamp(0, 1))
 
 
@@ -135,17 +165,78 @@ def test_bad_flags_are_user_errors():
     assert (a.arch, a.epochs, a.lr, a.batch_size, a.milestones, a.beta, a.awp, a.awp_gamma, a.awp_warmup) == \
         ("wrn-34-10", 200, 0.1, 128, [100, 150], 6.0, True, 5e-3, 10)
     assert a.tau_t < a.tau_s
+    assert ltd.get_args(["--tau-t", "4", "--tau-s", "1"]).tau_t == 4  # only "different" is required
+    assert ltd.get_args(["--no-distill", "--tau-t", "2", "--tau-s", "2"]).no_distill  # taus ignored there
+
+
+def install_spies(mp, events):
+    """Wrap the method's functions (and the epoch end) so a run logs what each call received."""
+    attack, soft_labels, loss, perturb = ltd.trades_attack, ltd.teacher_soft_labels, ltd.ltd_loss, ltd.awp_perturb
+    end_epoch = common.Trainer.end_epoch
+
+    def spy_attack(model, x, eps, alpha, steps, tau_s=1.0):
+        x_adv = attack(model, x, eps, alpha, steps, tau_s)
+        events.append(("attack", tau_s, x, x_adv))
+        return x_adv
+
+    def spy_soft(teacher, x, tau_t):
+        p = soft_labels(teacher, x, tau_t)
+        events.append(("teacher", tau_t, x, p))
+        return p
+
+    def spy_loss(model, x, x_adv, y, beta=6.0, tau_s=1.0, soft=None, soft_on="natural"):
+        events.append(("loss", tau_s, soft, soft_on))
+        return loss(model, x, x_adv, y, beta, tau_s, soft, soft_on)
+
+    mp.setattr(ltd, "trades_attack", spy_attack)
+    mp.setattr(ltd, "teacher_soft_labels", spy_soft)
+    mp.setattr(ltd, "ltd_loss", spy_loss)
+    mp.setattr(ltd, "awp_perturb", lambda *a: events.append(("awp",)) or perturb(*a))
+    mp.setattr(common.Trainer, "end_epoch", lambda self, *a, **k: events.append(("epoch",)) or end_epoch(self, *a, **k))
+
+
+def split_epochs(events):
+    epochs, cur = [], []
+    for e in events:
+        if e[0] == "epoch":
+            epochs.append(cur)
+            cur = []
+        else:
+            cur.append(e)
+    return epochs
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ltd")
-    path = ltd.main(TINY + ["--epochs", "1", "--awp-warmup", "1", "--out-dir", str(out), "--tau-s", "3"])
-    return out, path
+    out, events = tmp_path_factory.mktemp("ltd"), []
+    with pytest.MonkeyPatch.context() as mp:
+        install_spies(mp, events)
+        path = ltd.main(TINY + ["--epochs", "2", "--teacher-epochs", "1", "--awp-warmup", "2", "--out-dir", str(out),
+                                "--tau-s", "3", "--tau-t", "0.25", "--steps", "1"])
+    return out, path, split_epochs(events)
+
+
+def test_training_loop_passes_temperatures_teacher_input_and_awp_gate(trained):
+    teacher_epoch, student_1, student_2 = trained[2]  # teacher 1 epoch, student 2 epochs, AWP from epoch 2
+    kinds = lambda ev, k: [e for e in ev if e[0] == k]
+    for ev in (teacher_epoch, student_1, student_2):
+        assert len(kinds(ev, "attack")) == 7  # 448 training images / batch 64
+    # stage 1, the TRADES teacher: tau_s = 1, one-hot labels, no AWP before the warm-up epoch
+    assert {e[1] for e in kinds(teacher_epoch, "attack")} == {e[1] for e in kinds(teacher_epoch, "loss")} == {1.0}
+    assert not kinds(teacher_epoch, "teacher") and all(e[2] is None for e in kinds(teacher_epoch, "loss"))
+    assert not kinds(teacher_epoch, "awp") and not kinds(student_1, "awp")
+    assert len(kinds(student_2, "awp")) == 7  # from epoch --awp-warmup (1-based) on, every batch
+    for ev in (student_1, student_2):  # stage 2, LTD: tau_s in attack and loss, tau_t on the clean x
+        attacks, teach = kinds(ev, "attack"), kinds(ev, "teacher")
+        assert {e[1] for e in attacks} == {e[1] for e in kinds(ev, "loss")} == {3.0}
+        assert [e[1] for e in teach] == [0.25] * 7
+        assert all(torch.equal(t[2], a[2]) for t, a in zip(teach, attacks))
+        softs = [id(t[3]) for t in teach]
+        assert all(id(e[2]) in softs for e in kinds(ev, "loss"))  # the loss gets the teacher's soft labels
 
 
 def test_end_to_end_teacher_then_student_deploys_at_tau_s(trained, tmp_path):
-    out, path = trained
+    out, path, _ = trained
     teacher_path = out / "teacher" / "best.pt"
     assert path == str(out / "best.pt") and teacher_path.exists()
     model, ck = common.build_model_from_checkpoint(path)
@@ -164,17 +255,23 @@ def test_end_to_end_teacher_then_student_deploys_at_tau_s(trained, tmp_path):
     assert {a["name"] for a in report["attacks"]} >= {"pgd20", "cw"}
 
 
-def test_given_teacher_baseline_and_mismatched_teacher(trained, tmp_path):
-    out, _ = trained
+def test_given_teacher_baseline_and_mismatched_teacher(trained, tmp_path, monkeypatch):
+    out, _, _ = trained
     teacher = str(out / "teacher" / "best.pt")
     base = ltd.main(TINY + ["--epochs", "1", "--no-distill", "--no-awp", "--out-dir", str(tmp_path / "b")])
     assert common.load_checkpoint(base)["temperature"] == 1.0 and common.load_checkpoint(base)["method"] == "trades"
-    student = ltd.main(TINY + ["--epochs", "1", "--teacher", teacher, "--soft-on", "both", "--teacher-input", "adv",
-                               "--out-dir", str(tmp_path / "s")])
+    events = []
+    with monkeypatch.context() as mp:
+        install_spies(mp, events)
+        student = ltd.main(TINY + ["--epochs", "1", "--teacher", teacher, "--soft-on", "both", "--teacher-input", "adv",
+                                   "--out-dir", str(tmp_path / "s")])
+    attacks, teach = [e for e in events if e[0] == "attack"], [e for e in events if e[0] == "teacher"]
+    assert len(teach) == len(attacks) == 7 and all(torch.equal(t[2], a[3]) for t, a in zip(teach, attacks))  # x_adv
+    assert {e[3] for e in events if e[0] == "loss"} == {"both"}
     assert not (tmp_path / "s" / "teacher").exists()  # the given teacher was used, none trained
     assert common.load_checkpoint(student)["temperature"] == 2.0
     ck = common.load_checkpoint(teacher)
     ck["dataset"] = "cifar10"  # same shape, other data: must be refused
     torch.save(ck, tmp_path / "wrong.pt")
-    with pytest.raises(common.UserError, match="teacher"):
+    with pytest.raises(common.UserError, match="teacher .* is for cifar10"):
         ltd.main(TINY + ["--epochs", "1", "--teacher", str(tmp_path / "wrong.pt"), "--out-dir", str(tmp_path / "w")])
