@@ -274,7 +274,7 @@ def get_loaders(args, device, rank=0, world=1):
     test, _ = load_dataset(args.dataset, args.data_dir, train=False)
     n = len(x)
     val_size = min(args.val_size, n // 5)
-    if val_size < args.val_size:
+    if val_size < args.val_size and rank == 0:
         print(f"note: --val-size {args.val_size} is too large for {n} training images; using {val_size}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))  # fixed split, any training seed
     if y is None:  # streamed tree: keep its own order, validation on a subset of the test transform
