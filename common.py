@@ -207,6 +207,7 @@ class TensorLoader:
         self.x, self.y = x.to(device), y.to(device)
         self.batch_size, self.train, self.flip, self.device = batch_size, train, flip, device
         self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
+        self.augment = train  # training batches are shuffled and (unless turned off) augmented
         self.channels_last = torch.device(device).type == "cuda"
 
     def set_epoch(self, epoch):
@@ -231,7 +232,7 @@ class TensorLoader:
         for i in range(len(self)):
             j = idx[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.x[j]
-            if self.train:
+            if self.augment:
                 x = augment(x, flip=self.flip)
             x = x.float().div_(255)
             if self.channels_last:
@@ -286,7 +287,9 @@ def get_loaders(args, device, rank=0, world=1):
     else:
         train, val = (x[perm[val_size:]], y[perm[val_size:]]), (x[perm[:val_size]], y[perm[:val_size]])
     mk = lambda d, tr: make_loader(d, info, args.batch_size, device, tr, args.workers, rank, world, args.seed)
-    return mk(train, True), mk(val, False), mk(test, False), info
+    train_loader = mk(train, True)
+    train_loader.augment = getattr(args, "augment", True)
+    return train_loader, mk(val, False), mk(test, False), info
 
 
 ##############################################################################################
@@ -312,6 +315,8 @@ class Classifier(nn.Module):
 
 
 class PreActBlock(nn.Module):
+    """BN-ReLU-conv-BN-ReLU-conv with a residual; used by PreAct-ResNet-18 and (TRADES layout) WRN."""
+
     def __init__(self, cin, cout, stride):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -367,20 +372,6 @@ class ResNet18(Classifier):
         return self.fc(pooled), stages, pooled
 
 
-class WideBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.equal = cin == cout
-        self.shortcut = None if self.equal else nn.Conv2d(cin, cout, 1, stride, bias=False)
-
-    def forward(self, x):
-        o = F.relu(self.bn1(x))
-        sc = x if self.equal else self.shortcut(o)
-        return self.conv2(F.relu(self.bn2(self.conv1(o)))) + sc
-
-
 class WideResNet(Classifier):
     """WRN-D-K in the TRADES/AWP layout: conv 16 -> 3 groups (16K, 32K, 64K) -> BN-ReLU -> pool -> fc.
     Stages: 16K@s, 32K@s/2, 64K@s/4 (the last after the final BN-ReLU); pooled 64K."""
@@ -392,7 +383,7 @@ class WideResNet(Classifier):
         n, w = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.blocks = nn.ModuleList(
-            nn.Sequential(*[WideBlock(w[i] if j == 0 else w[i + 1], w[i + 1], (1 if i == 0 else 2) if j == 0 else 1)
+            nn.Sequential(*[PreActBlock(w[i] if j == 0 else w[i + 1], w[i + 1], (1 if i == 0 else 2) if j == 0 else 1)
                             for j in range(n)]) for i in range(3))
         self.bn = nn.BatchNorm2d(w[3])
         self.fc = nn.Linear(w[3], num_classes)
@@ -620,6 +611,8 @@ def base_parser(description, **defaults):
     p.add_argument("--eps", type=float, default=None, help="L-inf radius (default: 8/255 CIFAR/SVHN, 0.3 MNIST, 4/255 large)")
     p.add_argument("--alpha", type=float, default=None, help="attack step (default: 2/255, 0.01 MNIST, 1/255 large)")
     p.add_argument("--steps", type=int, default=10, help="attack steps during training")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random crop (pad 4) + flip of training images (flip off for MNIST/SVHN)")
     p.add_argument("--val-size", type=int, default=1000, help="training images held out to pick the best checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None, help="default: runs/<method>-<dataset>-<arch>")

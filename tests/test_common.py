@@ -162,6 +162,17 @@ def test_loader_batches_are_float_images_and_shards_cover_data():
     assert sorted(seen) == list(range(100))  # disjoint shards that cover the data
 
 
+def test_no_augment_flag_reaches_the_train_loader():
+    args = common.base_parser("t").parse_args(TINY + ["--no-augment"])
+    train, _, _, _ = common.get_loaders(args, "cpu")
+    xb, yb = next(iter(train))
+    pool = train.x.float() / 255
+    assert all(any(torch.equal(img, p) for p in pool) for img in xb[:4])  # batches are unmodified images
+    args = common.base_parser("t").parse_args(TINY)
+    train, _, _, _ = common.get_loaders(args, "cpu")
+    assert train.augment
+
+
 def test_folder_dataset_decodes_caches_and_splits(tmp_path):
     from PIL import Image
     for split, n in (("train", 6), ("test", 2)):
