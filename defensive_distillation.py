@@ -27,7 +27,7 @@ has the same gradient direction at any logit scale and finds adversarial example
 on an undefended network. This is gradient masking; `evaluate.py --diagnose` reports its signature
 (mean |logit|, share of exactly-zero CE gradients, the gap between CE and margin attacks).
 Our measurements:
-  * research notes section 7 (a prototype of this recipe, MNIST, one H100, 10 epochs per stage):
+  * an earlier prototype of this recipe for the project (MNIST, one H100, 10 epochs per stage):
     mean |logit| ~480 for F_d vs ~6 for a T = 1 model (C&W report 482); CE input gradient exactly zero
     on ~98% of test images.
   * the CPU check in tests/ (4,096 MNIST training images, 200 Adam steps per stage, T = 100, 500 test
@@ -202,16 +202,12 @@ def train_stage(run, model, loss_fn, name, out_dir, epochs, deploy_temperature):
 
 def load_teacher(path, run):
     """A stage-1 checkpoint as a frozen teacher that outputs raw logits z_F (we divide by T ourselves)."""
-    ck = common.load_checkpoint(path)
-    if ck["dataset"] != run.args.dataset or ck["num_classes"] != run.info.num_classes:
-        raise common.UserError(f"teacher {path} is for {ck['dataset']} ({ck['num_classes']} classes), "
-                               f"not {run.args.dataset} ({run.info.num_classes} classes)")
-    teacher, _ = common.build_model_from_checkpoint(ck, run.device)
-    if run.main and abs(ck["temperature"] - run.args.temperature) > 1e-6:
-        print(f"note: teacher {path} was trained at T={ck['temperature']:g}, distilling at T={run.args.temperature:g} "
+    teacher = common.load_teacher(path, run)  # eval mode, no gradients, temperature 1, same dataset
+    trained_at = common.load_checkpoint(path)["temperature"]
+    if run.main and abs(trained_at - run.args.temperature) > 1e-6:
+        print(f"note: teacher {path} was trained at T={trained_at:g}, distilling at T={run.args.temperature:g} "
               f"(the paper uses the same T for both stages)")
-    teacher.temperature = 1.0  # raw logits; soft_labels() applies T explicitly
-    return teacher.requires_grad_(False).eval()
+    return teacher
 
 
 def main(argv=None):
