@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from tests.util import TINY, pgd_at
+from tests.util import TINY, pgd_at, train_small_cnn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,21 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ------------------------------------------------------------------------------------- attacks
 @pytest.fixture(scope="module")
 def trained_cnn():
-    """A small BN-free CNN trained normally (undefended) on the synthetic data."""
-    torch.manual_seed(0)
-    (x, y), info = common.load_dataset("synthetic", train=True)
-    (xt, yt), _ = common.load_dataset("synthetic", train=False)
-    net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
-                        nn.Flatten(), nn.Linear(32 * 64, 10))
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    loader = common.TensorLoader(x, y, 64, "cpu", train=True)
-    for epoch in range(6):
-        loader.set_epoch(epoch)
-        for xb, yb in loader:
-            opt.zero_grad()
-            F.cross_entropy(net(xb), yb).backward()
-            opt.step()
-    return net, xt.float() / 255, yt
+    return train_small_cnn()
 
 
 def test_pgd_lowers_accuracy_of_undefended_model(trained_cnn):

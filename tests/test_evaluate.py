@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import common
 import evaluate
-from tests.util import TINY, pgd_at
+from tests.util import TINY, pgd_at, train_small_cnn
 
 NO_AMP = contextlib.nullcontext
 
@@ -131,21 +131,8 @@ def test_an_image_broken_by_any_attack_counts_as_broken():
 # -------------------------------------------------------------------------------- masking checks
 @pytest.fixture(scope="module")
 def small_net_and_data():
-    torch.manual_seed(0)
-    (x, y), _ = common.load_dataset("synthetic", train=True)
-    (xt, yt), _ = common.load_dataset("synthetic", train=False)
-    net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
-                        nn.Flatten(), nn.Linear(32 * 64, 10))
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    loader = common.TensorLoader(x, y, 64, "cpu", train=True)
-    for epoch in range(6):
-        loader.set_epoch(epoch)
-        for xb, yb in loader:
-            opt.zero_grad()
-            F.cross_entropy(net(xb), yb).backward()
-            opt.step()
-    net.eval()
-    xt, yt = xt[:64].float() / 255, yt[:64]
+    net, xt, yt = train_small_cnn()
+    xt, yt = xt[:64], yt[:64]
     keep = net(xt).argmax(1) == yt
     return net, xt[keep], yt[keep]
 

@@ -8,17 +8,7 @@ import torch.nn.functional as F
 
 import common
 import ltd
-from tests.util import TINY
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return common.build_model("wrn-10-1", 10, 3, 32, (0.5,) * 3, (0.25,) * 3)
-
-
-def batch(n=8):
-    (x, y), _ = common.load_dataset("synthetic", train=False)
-    return x[:n].float() / 255, y[:n]
+from tests.util import TINY, batch, tiny_model
 
 
 def hand_trades(z_nat, z_adv, y, beta, soft=None, soft_on="natural"):

@@ -1,6 +1,8 @@
 """Test fixtures: a minimal PGD adversarial-training script built only from common.py's utilities."""
 import time
 
+import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import common
@@ -37,3 +39,31 @@ def pgd_at(argv):
             seen += len(y)
         trainer.end_epoch(epoch, loss_sum, correct, seen, t0)
     return trainer.finish()
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return common.build_model("wrn-10-1", 10, 3, 32, (0.5,) * 3, (0.25,) * 3)
+
+
+def batch(n=8):
+    (x, y), _ = common.load_dataset("synthetic", train=False)
+    return x[:n].float() / 255, y[:n]
+
+
+def train_small_cnn(epochs=6):
+    """A small BN-free CNN trained normally (undefended) on the synthetic data; returns (net, x_test, y_test)."""
+    torch.manual_seed(0)
+    (x, y), _ = common.load_dataset("synthetic", train=True)
+    (xt, yt), _ = common.load_dataset("synthetic", train=False)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(32 * 64, 10))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    loader = common.TensorLoader(x, y, 64, "cpu", train=True)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for xb, yb in loader:
+            opt.zero_grad()
+            F.cross_entropy(net(xb), yb).backward()
+            opt.step()
+    return net.eval(), xt.float() / 255, yt
