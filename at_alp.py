@@ -36,7 +36,8 @@ pass the same --eps to evaluate.py.
 Report white-box AA-lite next to any transfer number: logit pairing is known to look far stronger than it
 is under weak or transfer attacks (Engstrom et al. 2018, arXiv 1807.10272; Mosbach et al. 2018).
 
-Fidelity (tags refer to research/at_alp.md). Only the abstract of the paper was available to us.
+Fidelity ([C] confirmed from a primary source, [I] our inference, [?] unknown; § = our research notes).
+Only the abstract of the paper was available to us.
   Confirmed [C]: pairing of logits AND of Zagoruyko-Komodakis attention maps between clean and adversarial
     examples on top of adversarial training (abstract); ALP's loss = mixed CE + lambda * MSE of logits and
     its joint forward of [x; x'] with the attack crafted in eval mode (tensorflow/models ALP code, §6.1);

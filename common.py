@@ -247,7 +247,8 @@ class StreamLoader:
         from torch.utils.data import DataLoader, DistributedSampler
         self.sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=seed) if world > 1 else None
         self.loader = DataLoader(dataset, batch_size, shuffle=train and self.sampler is None, sampler=self.sampler,
-                                 num_workers=workers, pin_memory=True, drop_last=train, persistent_workers=workers > 0)
+                                 num_workers=workers, pin_memory=torch.device(device).type == "cuda",
+                                 drop_last=train, persistent_workers=workers > 0)
         self.device = device
 
     def set_epoch(self, epoch):

@@ -45,7 +45,8 @@ Run (stage 1 goes to <out-dir>/teacher/, the deployed F_d to <out-dir>/best.pt):
 The teacher checkpoint stores F as trained, i.e. with `temperature` T (it outputs z_F / T): evaluating it
 shows the same kind of weights attacked at a normal logit scale.
 
-Fidelity (tags from research/defensive_distillation.md; the paper body was not available to us):
+Fidelity ([C] primary source, [S] secondary, [M] recalled, [I] ours; § = our research notes;
+the paper body was not available to us):
   confirmed [C in the critics' reproductions; S in text]: the pipeline (F at T on hard labels -> soft labels
     softmax(z_F/T) -> F_d at the same T on soft labels -> deploy at T = 1), the soft-label CE without a
     T^2 factor or hard-label term, T = 100, the Table I architectures (`papernot-mnist`, `papernot-cifar`

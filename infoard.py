@@ -32,7 +32,8 @@ measure what ASA + MIM add, both arms need the same KL scale: also run the basel
 (w_kl 1, as InfoARD) under another --out-dir, and compare InfoARD with that one.
 Options: --arch mobilenetv2 (student); --teacher any checkpoint of this repo; --asa search; --inner adaad.
 
-Fidelity (tags refer to research/infoard.md). The paper's full text and code were not available to us.
+Fidelity ([C] primary source, [A] abstract, [S] secondary, [P] our proposal; § = our research notes).
+The paper's full text and code were not available to us.
   Confirmed [C/A]: title, authors, venue; that fixed attack strength and attention region shift are the two
     problems and ASA + MIM the answer (abstract only). Secondary [S, low trust]: that ASA adapts the
     strength per instance (an AI-written summary of the paper).

@@ -30,7 +30,8 @@ Run (teacher -> <out-dir>/teacher/best.pt, student -> <out-dir>/best.pt, deploye
 Reusing the baseline as the teacher makes "baseline + LTD" cost two trainings instead of three.
 MEASURED NUMBERS FOR THIS SCRIPT: none yet; none were measured on real data.
 
-Fidelity (tags from research/ltd.md; the paper body was not available, only its abstracts):
+Fidelity ([C] primary source, [I] ours, [U] unknown; § = our research notes; the paper body was not
+available, only its abstracts):
   confirmed [C]: soft labels from a teacher through a temperature softmax; the teacher temperature is
     "relatively low"; tau_t and tau_s are fixed and different; tau_s is kept at inference (checkpoint
     `temperature` = tau_s). The CIFAR-10 AutoAttack logs name the TRADES-AWP code (section 2); a

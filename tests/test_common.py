@@ -174,6 +174,25 @@ def test_folder_dataset_decodes_caches_and_splits(tmp_path):
     assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
+def test_large_image_folder_streams_through_a_dataloader(tmp_path):
+    from PIL import Image
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / split / c)
+            for i in range(6):
+                Image.new("RGB", (80, 96), (40 * i, 100, 200)).save(tmp_path / split / c / f"{i}.jpg")
+    (ds, labels), info = common.load_dataset("folder", str(tmp_path), train=True)
+    assert labels is None and info.large and info.size == 224 and info.eps == pytest.approx(4 / 255)
+    args = common.base_parser("t").parse_args(["--dataset", "folder", "--data-dir", str(tmp_path), "--batch-size", "4",
+                                               "--val-size", "2", "--workers", "0"])
+    train, val, test, _ = common.get_loaders(args, "cpu")
+    assert isinstance(train, common.StreamLoader)
+    xb, yb = next(iter(train))
+    assert xb.shape == (4, 3, 224, 224) and 0 <= xb.min() and xb.max() <= 1 and yb.dtype == torch.long
+    assert sum(len(y) for _, y in val) == 2 and sum(len(y) for _, y in test) == 12
+    assert len(train) == (12 - 2) // 4  # held-out validation images are not trained on
+
+
 def test_piecewise_schedule():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     sched = common.make_schedule(opt, "piecewise", 200, 10, [100, 150], 0.1)
