@@ -273,7 +273,7 @@ def get_args(argv=None):
     p.add_argument("--attacks", default=None, help=f"comma list overriding the preset, from {', '.join(ATTACKS)}")
     p.add_argument("--n", type=int, default=None, help="first N test images (default: 1,000 for quick, else all)")
     p.add_argument("--eps", type=float, default=None, help="default: the dataset's threat model")
-    p.add_argument("--alpha", type=float, default=None, help="PGD step (default eps/4)")
+    p.add_argument("--alpha", type=float, default=None, help="PGD step (default: the dataset's step, or eps/4 with --eps)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--apgd-iters", type=int, default=100, help="APGD iterations (AutoAttack: 100)")
     p.add_argument("--square-queries", type=int, default=5000, help="Square queries (AutoAttack: 5,000)")
@@ -320,7 +320,8 @@ def main(argv=None):
             raise common.UserError(f"--transfer-from was trained on {sck['dataset']}, the target on {ck['dataset']}")
         names = names + ["transfer"] if "transfer" not in names else names
     eps = args.eps if args.eps is not None else info.eps
-    alpha = args.alpha if args.alpha is not None else eps / 4
+    # PGD step: the dataset's (2/255 CIFAR/SVHN, 0.01 MNIST, 1/255 large) at its own eps, else eps / 4.
+    alpha = args.alpha if args.alpha is not None else info.alpha if args.eps is None else eps / 4
     n_all = len(xs) if ys is not None else len(xs.samples)
     n = min(args.n or (1000 if args.preset == "quick" and not args.attacks else n_all), n_all)
     if ys is None:
