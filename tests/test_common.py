@@ -193,6 +193,17 @@ def test_large_image_folder_streams_through_a_dataloader(tmp_path):
     assert len(train) == (12 - 2) // 4  # held-out validation images are not trained on
 
 
+@pytest.mark.skipif(not os.environ.get("CIFAR10_JPEG_DIR"), reason="set CIFAR10_JPEG_DIR to an unpacked CIFAR-10 tree")
+def test_real_cifar10_jpeg_folder():
+    root = os.environ["CIFAR10_JPEG_DIR"]
+    (x, y), info = common.load_dataset("folder", root, train=True)
+    (xt, yt), _ = common.load_dataset("folder", root, train=False)
+    assert x.shape == (50000, 3, 32, 32) and xt.shape == (10000, 3, 32, 32) and x.dtype == torch.uint8
+    assert info.num_classes == 10 and not info.large and info.eps == pytest.approx(8 / 255)
+    assert torch.bincount(y).tolist() == [5000] * 10 and torch.bincount(yt).tolist() == [1000] * 10
+    assert 0.4 < info.mean[0] < 0.55 and 0.2 < info.std[0] < 0.3  # CIFAR-10's statistics, roughly
+
+
 def test_piecewise_schedule():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     sched = common.make_schedule(opt, "piecewise", 200, 10, [100, 150], 0.1)
