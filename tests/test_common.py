@@ -290,6 +290,23 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         common.load_dataset("folder", str(tmp_path / "tree"))
 
 
+def test_arch_mismatch_and_nan_loss_give_clear_errors(trained_run, tmp_path):
+    out, path = trained_run
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["arch"] = "wrn-16-2"  # weights of a wrn-10-1 under another arch's name
+    torch.save(ckpt, tmp_path / "mismatch.pt")
+    with pytest.raises(common.UserError, match="checkpoint weights do not fit arch 'wrn-16-2'"):
+        common.build_model_from_checkpoint(str(tmp_path / "mismatch.pt"))
+    args = common.base_parser("t").parse_args(TINY + ["--out-dir", str(tmp_path / "nan")])
+    run = common.Run(args, "pgd-at")
+    model = run.model()
+    opt, sched = run.optimizer(model.parameters())
+    trainer = common.Trainer(run, model, opt, sched, "pgd-at")
+    with pytest.raises(common.UserError, match="training loss became nan in epoch 1; lower --lr"):
+        trainer.end_epoch(0, torch.tensor(float("nan")), 0, 64, 0.0)
+    assert not os.path.exists(tmp_path / "nan" / "best.pt")  # nothing overwritten with a broken model
+
+
 def test_command_line_error_is_one_line_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "evaluate.py", str(tmp_path / "missing.pt")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
