@@ -201,7 +201,8 @@ def test_real_cifar10_jpeg_folder():
     assert x.shape == (50000, 3, 32, 32) and xt.shape == (10000, 3, 32, 32) and x.dtype == torch.uint8
     assert info.num_classes == 10 and not info.large and info.eps == pytest.approx(8 / 255)
     assert torch.bincount(y).tolist() == [5000] * 10 and torch.bincount(yt).tolist() == [1000] * 10
-    assert 0.4 < info.mean[0] < 0.55 and 0.2 < info.std[0] < 0.3  # CIFAR-10's statistics, roughly
+    # normalisation statistics of the whole set (JPEG moves them a little), not of the first class read
+    assert all(abs(a - b) < 0.01 for a, b in zip(info.mean + info.std, common.CIFAR_MEAN + common.CIFAR_STD))
 
 
 def test_piecewise_schedule():
