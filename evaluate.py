@@ -153,10 +153,20 @@ def run_attack(name, model, x, y, eps, alpha, source=None, apgd_iters=100, squar
     if name == "transfer":
         return common.pgd(source, x, y, eps, alpha, 20)
     if name == "autoattack":
-        from autoattack import AutoAttack
+        AutoAttack = official_autoattack()
         aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", verbose=False)
         return aa.run_standard_evaluation(x, y, bs=len(x))
     raise common.UserError(f"unknown attack '{name}' (choose from {', '.join(ATTACKS)})")
+
+
+def official_autoattack():
+    """The official AutoAttack class if installed (optional, only to compare with), else None."""
+    for module in ("autoattack", "pyautoattack"):
+        try:
+            return __import__(module).AutoAttack
+        except ImportError:
+            pass
+    return None
 
 
 def cascade(model, x, y, names, attack, eps, autocast, seconds):
@@ -306,11 +316,9 @@ def main(argv=None):
     for name in names:
         if name not in ATTACKS:
             raise common.UserError(f"unknown attack '{name}' (choose from {', '.join(ATTACKS)})")
-    if "autoattack" in names:
-        try:
-            import autoattack  # noqa: F401  (optional: only for comparing with the official package)
-        except ImportError:
-            raise common.UserError("--attacks autoattack needs the official package (fra31/auto-attack) installed") from None
+    if "autoattack" in names and official_autoattack() is None:
+        raise common.UserError("--attacks autoattack needs the official package installed: fra31/auto-attack "
+                               "(imports as autoattack) or its PyPI copy pyautoattack")
     source = None
     if "transfer" in names or args.transfer_from:
         if not args.transfer_from:

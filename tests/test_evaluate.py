@@ -205,3 +205,9 @@ def test_end_to_end_errors_are_clear(checkpoint, tmp_path):
         evaluate.main([checkpoint, "--attacks", "pgd7", "--device", "cpu"])
     with pytest.raises(common.UserError, match="needs --transfer-from"):
         evaluate.main([checkpoint, "--attacks", "transfer", "--device", "cpu"])
+
+
+def test_missing_official_autoattack_is_a_clear_error(checkpoint, monkeypatch):
+    monkeypatch.setattr(evaluate, "official_autoattack", lambda: None)
+    with pytest.raises(common.UserError, match="needs the official package installed"):
+        evaluate.main([checkpoint, "--attacks", "autoattack", "--device", "cpu"])
