@@ -19,6 +19,7 @@ per-image worst case over all attacks run. --diagnose adds the gradient-masking 
 2019 ("On Evaluating Adversarial Robustness") and prints a verdict.
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -154,8 +155,10 @@ def run_attack(name, model, x, y, eps, alpha, source=None, apgd_iters=100, squar
         return common.pgd(source, x, y, eps, alpha, 20)
     if name == "autoattack":
         AutoAttack = official_autoattack()
-        aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", verbose=False)
-        return aa.run_standard_evaluation(x, y, bs=len(x))
+        aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=x.device)  # both packages' API
+        run = aa.run_standard_evaluation  # the batch-size keyword differs between the two packages
+        out = run(x, y, **{"bs" if "bs" in inspect.signature(run).parameters else "batch_size": len(x)})
+        return out[0] if isinstance(out, tuple) else out  # the PyPI copy also returns the predicted labels
     raise common.UserError(f"unknown attack '{name}' (choose from {', '.join(ATTACKS)})")
 
 
