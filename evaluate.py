@@ -91,8 +91,8 @@ def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75):
 
 def apgd_targeted(model, x, y, eps, n_iter=100, n_targets=9):
     """APGD-T: one targeted-DLR run per target class, ranked 2nd..(n_targets+1)th by the clean logits."""
-    with torch.no_grad():
-        order = model(x).float().argsort(1, descending=True)
+    with torch.no_grad():  # rank the other classes; the true class first whatever its logit
+        order = model(x).float().scatter(1, y[:, None], float("inf")).argsort(1, descending=True)
     x_adv, alive = x.clone(), torch.ones(len(x), dtype=torch.bool, device=x.device)
     for r in range(1, min(n_targets, order.shape[1] - 1) + 1):
         idx = alive.nonzero().squeeze(1)
@@ -121,7 +121,7 @@ def square_attack(model, x, y, eps, n_queries=5000, p_init=0.8):
             break
         j = int(i * 10000 / n_queries)  # the paper's schedule is written for 10,000 queries
         p = p_init / 2 ** sum(j > t for t in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
-        s = max(int(round(math.sqrt(p * h * w))), 1)
+        s = max(min(int(round(math.sqrt(p * h * w))), h - 1, w - 1), 1)
         n = len(todo)
         r0 = torch.randint(0, h - s + 1, (n, 1, 1, 1), device=x.device)
         c0 = torch.randint(0, w - s + 1, (n, 1, 1, 1), device=x.device)
@@ -200,8 +200,9 @@ def cascade(model, x, y, names, attack, eps, autocast, seconds):
 
 
 def predict_logits(model, x):
-    with torch.no_grad():
-        return model(x)
+    """Logits in float32 even inside autocast: deciding correct vs broken must not depend on bf16 rounding."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        return model(x).float()
 
 
 def predict(model, x):
@@ -284,9 +285,9 @@ def get_args(argv=None):
     p.add_argument("checkpoint")
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument("--attacks", default=None, help=f"comma list overriding the preset, from {', '.join(ATTACKS)}")
-    p.add_argument("--n", type=int, default=None, help="first N test images (default: 1,000 for quick, else all)")
+    p.add_argument("--n", type=int, default=None, help="N test images, a fixed random subset (default: 1,000 for quick, else all)")
     p.add_argument("--eps", type=float, default=None, help="default: the dataset's threat model")
-    p.add_argument("--alpha", type=float, default=None, help="PGD step (default: the dataset's step, or eps/4 with --eps)")
+    p.add_argument("--alpha", type=float, default=None, help="PGD step (default eps/4)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--apgd-iters", type=int, default=100, help="APGD iterations (AutoAttack: 100)")
     p.add_argument("--square-queries", type=int, default=5000, help="Square queries (AutoAttack: 5,000)")
@@ -315,7 +316,7 @@ def main(argv=None):
         raise common.UserError(f"dataset mismatch: checkpoint expects {ck['num_classes']} classes of "
                                f"{ck.get('in_channels', 3)}x{ck.get('image_size', 32)}px ({ck['dataset']}), but "
                                f"'{dataset}' has {info.num_classes} classes of {info.channels}x{info.size}px")
-    names = args.attacks.split(",") if args.attacks else PRESETS[args.preset]
+    names = list(dict.fromkeys(args.attacks.split(","))) if args.attacks else PRESETS[args.preset]  # no repeats
     for name in names:
         if name not in ATTACKS:
             raise common.UserError(f"unknown attack '{name}' (choose from {', '.join(ATTACKS)})")
@@ -331,15 +332,16 @@ def main(argv=None):
             raise common.UserError(f"--transfer-from was trained on {sck['dataset']}, the target on {ck['dataset']}")
         names = names + ["transfer"] if "transfer" not in names else names
     eps = args.eps if args.eps is not None else info.eps
-    # PGD step: the dataset's (2/255 CIFAR/SVHN, 0.01 MNIST, 1/255 large) at its own eps, else eps / 4.
-    alpha = args.alpha if args.alpha is not None else info.alpha if args.eps is None else eps / 4
+    alpha = args.alpha if args.alpha is not None else eps / 4  # 2/255 at 8/255; 0.075 on MNIST (0.3)
     n_all = len(xs) if ys is not None else len(xs.samples)
     n = min(args.n or (1000 if args.preset == "quick" and not args.attacks else n_all), n_all)
+    # A fixed random subset, not the first n: folder trees are stored class by class.
+    idx = torch.randperm(n_all, generator=torch.Generator().manual_seed(0))[:n] if n < n_all else torch.arange(n_all)
     if ys is None:
         from torch.utils.data import Subset
-        data = (Subset(xs, range(n)), None)
+        data = (Subset(xs, idx.tolist()), None)
     else:
-        data = (xs[:n], ys[:n])
+        data = (xs[idx], ys[idx])
     loader = common.make_loader(data, info, args.batch_size, device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and not args.no_amp \
         else (lambda: torch.autocast("cpu", enabled=False))
@@ -359,7 +361,7 @@ def main(argv=None):
             diag_x.append(x), diag_y.append(y)
 
     report = {"checkpoint": os.path.abspath(args.checkpoint), "method": ck["method"], "arch": ck["arch"],
-              "dataset": dataset, "temperature": model.temperature, "epoch": ck["epoch"], "train_metrics": ck["metrics"],
+              "dataset": dataset, "temperature": model.temperature, "epoch": ck["epoch"] + 1, "train_metrics": ck["metrics"],
               "n": n, "eps": eps, "alpha": alpha, "attack_settings": {"pgd_step": alpha, "apgd_iters": args.apgd_iters,
               "apgd_t_targets": 9, "square_queries": args.square_queries, "transfer_from": args.transfer_from, "amp": "bf16" if
               device.type == "cuda" and not args.no_amp else "fp32"}, "device": str(device),

@@ -172,6 +172,10 @@ def test_folder_dataset_decodes_caches_and_splits(tmp_path):
     assert os.path.exists(tmp_path / ".robust-distill-train.pt")
     (x2, y2), _ = common.load_dataset("folder", str(tmp_path), train=True)  # from the cache
     assert torch.equal(x, x2) and torch.equal(y, y2)
+    (tmp_path / "train" / "cat" / ".DS_Store").write_bytes(b"not an image")  # stray files are skipped
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(tmp_path / "train" / "dog" / "new.png")
+    (x3, y3), _ = common.load_dataset("folder", str(tmp_path), train=True)  # a changed tree is decoded again
+    assert len(x3) == 13 and (y3 == 1).sum() == 7
 
 
 def test_large_image_folder_streams_through_a_dataloader(tmp_path):
@@ -306,6 +310,13 @@ def test_arch_mismatch_and_nan_loss_give_clear_errors(trained_run, tmp_path):
     with pytest.raises(common.UserError, match="training loss became nan in epoch 1; lower --lr"):
         trainer.end_epoch(0, torch.tensor(float("nan")), 0, 64, 0.0)
     assert not os.path.exists(tmp_path / "nan" / "best.pt")  # nothing overwritten with a broken model
+
+
+def test_impossible_batch_and_validation_sizes_are_clear_errors():
+    with pytest.raises(common.UserError, match="--batch-size 1024 is larger than the 448 training images"):
+        common.get_loaders(common.base_parser("t").parse_args(TINY + ["--batch-size", "1024"]), "cpu")
+    with pytest.raises(common.UserError, match="--val-size must be at least 1"):
+        common.get_loaders(common.base_parser("t").parse_args(TINY + ["--val-size", "0"]), "cpu")
 
 
 def test_command_line_error_is_one_line_without_traceback(tmp_path):

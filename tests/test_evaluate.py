@@ -91,6 +91,13 @@ def test_apgd_and_square_respect_eps_ball_and_box():
         assert adv.min() >= 0 and adv.max() <= 1
 
 
+def test_square_handles_non_square_images():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 64, 10))
+    x = torch.rand(4, 3, 16, 64)
+    adv = evaluate.square_attack(net, x, torch.zeros(4, dtype=torch.long), 8 / 255, 30)
+    assert adv.shape == x.shape and ((adv - x).abs() <= 8 / 255 + 1e-6).all()
+
+
 def test_apgd_beats_random_noise_on_a_real_net():
     torch.manual_seed(2)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10))
@@ -201,6 +208,8 @@ def test_end_to_end_errors_are_clear(checkpoint, tmp_path):
             Image.new("RGB", (16, 16)).save(tmp_path / "tree" / split / c / "0.png")
     with pytest.raises(common.UserError, match="dataset mismatch: checkpoint expects 10 classes"):
         evaluate.main([checkpoint, "--dataset", "folder", "--data-dir", str(tmp_path / "tree"), "--device", "cpu"])
+    twice = evaluate.main([checkpoint, "--attacks", "fgsm,fgsm", "--n", "32", "--device", "cpu", "--json", str(tmp_path / "t.json")])
+    assert [a["name"] for a in twice["attacks"]] == ["fgsm"] and twice["robust_acc"] <= twice["clean_acc"]
     with pytest.raises(common.UserError, match="unknown attack 'pgd7'"):
         evaluate.main([checkpoint, "--attacks", "pgd7", "--device", "cpu"])
     with pytest.raises(common.UserError, match="needs --transfer-from"):
