@@ -163,22 +163,12 @@ def get_args(argv=None):
     return args
 
 
-def num_stages(model, info, device):
-    """Number of stage maps the model returns, from one forward in eval mode (checks --at-stages once)."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        _, f = model(torch.zeros(1, info.channels, info.size, info.size, device=device), return_features=True)
-    model.train(was_training)
-    return len(f["stages"])
-
-
 def main(argv=None):
     args = get_args(argv)
     run = common.Run(args, "at_alp")
     model = run.model()
     if args.at and args.at_stages is not None:
-        n = num_stages(model, run.info, run.device)
+        n, _ = common.feature_shape(model, run.info, run.device)
         if max(args.at_stages) >= n:
             raise common.UserError(f"--at-stages {args.at_stages}: --arch {args.arch} has {n} stage maps "
                                    f"(indices 0..{n - 1})")

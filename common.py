@@ -518,6 +518,16 @@ def model_for(arch, info):
     return build_model(arch, info.num_classes, info.channels, info.size, info.mean, info.std)
 
 
+def feature_shape(model, info, device):
+    """(number of stage maps, pooled feature size) of a model, from one forward in eval mode."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        _, f = model(torch.zeros(1, info.channels, info.size, info.size, device=device), return_features=True)
+    model.train(was_training)
+    return len(f["stages"]), f["pooled"].shape[1]
+
+
 def attention_map(fmap, size=None):
     """Attention Transfer map (Zagoruyko & Komodakis 2017) of a (B, C, H, W) activation: channel mean of
     squares (sign-free, so pre-activation sums work too), optionally average-pooled to `size` (to compare

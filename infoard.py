@@ -252,16 +252,6 @@ def train_teacher(run):
     return trainer.finish()
 
 
-def probe(model, info, device):
-    """(number of stage maps, pooled feature size) of a model, from one forward in eval mode."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        _, f = model(torch.zeros(1, info.channels, info.size, info.size, device=device), return_features=True)
-    model.train(was_training)
-    return len(f["stages"]), f["pooled"].shape[1]
-
-
 def main(argv=None):
     args = get_args(argv)
     method = "rslad" if (args.asa, args.mim, args.inner) == ("off", "logit", "rslad") else "infoard"
@@ -269,7 +259,8 @@ def main(argv=None):
     # frozen, eval mode, temperature 1 (RSLAD/AdaAD distil from raw logits), same dataset checked
     teacher = common.load_teacher(args.teacher or train_teacher(run), run)
     student = run.model()
-    (n_s, d_s), (n_t, d_t) = probe(student, run.info, run.device), probe(teacher, run.info, run.device)
+    (n_s, d_s) = common.feature_shape(student, run.info, run.device)
+    (n_t, d_t) = common.feature_shape(teacher, run.info, run.device)
     if args.w_at and not all(0 <= i < min(n_s, n_t) for i in args.at_stages):
         raise common.UserError(f"--at-stages {args.at_stages}: student has {n_s} stage maps, teacher {n_t}")
     heads = ProjectionHeads(d_s, d_t, args.nce_dim).to(run.device) if args.w_nce else None
