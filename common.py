@@ -213,12 +213,12 @@ class TensorLoader:
     that together cover the data.
     """
 
-    def __init__(self, x, y, batch_size, device, train=False, flip=True, rank=0, world=1, seed=0):
+    def __init__(self, x, y, batch_size, device, train=False, flip=True, rank=0, world=1, seed=0, channels_last=False):
         self.x, self.y = x.to(device), y.to(device)
         self.batch_size, self.train, self.flip, self.device = batch_size, train, flip, device
         self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
         self.augment = train  # training batches are shuffled and (unless turned off) augmented
-        self.channels_last = torch.device(device).type == "cuda"
+        self.channels_last = channels_last  # NHWC float batches (Run decides: --channels-last)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -273,11 +273,11 @@ class StreamLoader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
-def make_loader(data, info, batch_size, device, train=False, workers=8, rank=0, world=1, seed=0):
+def make_loader(data, info, batch_size, device, train=False, workers=8, rank=0, world=1, seed=0, channels_last=False):
     x, y = data
     if y is None:
         return StreamLoader(x, batch_size, device, train, workers, rank, world, seed)
-    return TensorLoader(x, y, batch_size, device, train, info.flip, rank, world, seed)
+    return TensorLoader(x, y, batch_size, device, train, info.flip, rank, world, seed, channels_last)
 
 
 def get_loaders(args, device, rank=0, world=1):
@@ -299,7 +299,8 @@ def get_loaders(args, device, rank=0, world=1):
         train, val = (Subset(x, perm[val_size:].tolist()), None), (val_ds, None)
     else:
         train, val = (x[perm[val_size:]], y[perm[val_size:]]), (x[perm[:val_size]], y[perm[:val_size]])
-    mk = lambda d, tr: make_loader(d, info, args.batch_size, device, tr, args.workers, rank, world, args.seed)
+    mk = lambda d, tr: make_loader(d, info, args.batch_size, device, tr, args.workers, rank, world, args.seed,
+                                   bool(getattr(args, "channels_last", False)))
     train_loader = mk(train, True)
     train_loader.augment = getattr(args, "augment", True)
     if len(train_loader) == 0:
@@ -643,7 +644,10 @@ def base_parser(description, **defaults):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None, help="default: runs/<method>-<dataset>-<arch>")
     p.add_argument("--workers", type=int, default=8, help="CPU loader workers (large-image folders only)")
-    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast (on by default on CUDA)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast on any device (default: on for CUDA, off for CPU)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format for models and batches (default: on for CUDA, off for CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
@@ -670,7 +674,11 @@ class Run:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.main = self.rank == 0
         seed_everything(args.seed + self.rank)
-        self.amp = self.device.type == "cuda" and not args.no_amp
+        # The GPU path is one decision each, on any device (the CPU runs it with --amp --channels-last);
+        # the resolved values go back into args, so every checkpoint records the precision it trained in.
+        gpu = self.device.type == "cuda"
+        self.amp = args.amp = gpu if args.amp is None else args.amp
+        self.channels_last = args.channels_last = gpu if args.channels_last is None else args.channels_last
         self.train_loader, self.val_loader, self.test_loader, self.info = get_loaders(args, self.device, self.rank, self.world)
         args.eps = self.info.eps if args.eps is None else args.eps
         args.alpha = 2.5 * args.eps / max(args.steps, 1) if args.alpha is None else args.alpha
@@ -679,15 +687,19 @@ class Run:
             os.makedirs(args.out_dir, exist_ok=True)
 
     def autocast(self):
-        """bf16 autocast on CUDA (unless --no-amp); a no-op on the CPU."""
+        """bf16 autocast on this run's device with --amp (the default on CUDA); a no-op otherwise."""
         if self.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def to_device(self, model):
+        """Move a model to the device, in channels_last memory format with --channels-last."""
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
     def model(self, arch=None):
-        """Build `arch` (default --arch) for this dataset, on the device, channels_last on CUDA."""
-        m = model_for(arch or self.args.arch, self.info).to(self.device)
-        return m.to(memory_format=torch.channels_last) if self.device.type == "cuda" else m
+        """Build `arch` (default --arch) for this dataset, on the device (see to_device)."""
+        return self.to_device(model_for(arch or self.args.arch, self.info))
 
     def prepare(self, model):
         """Wrap for training: DistributedDataParallel under torchrun, torch.compile with --compile."""
@@ -790,7 +802,8 @@ def _plain(v):
 def make_checkpoint(model, args, info, method, epoch, metrics, temperature=1.0):
     """The checkpoint dict of SPEC section 3 (plain types and tensors only: loadable with weights_only=True)."""
     m = unwrap(model)
-    return {"format": CHECKPOINT_FORMAT, "model": {k: v.detach().cpu() for k, v in m.state_dict().items()},
+    # contiguous: a channels_last run writes the same plain NCHW tensors as any other
+    return {"format": CHECKPOINT_FORMAT, "model": {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
             "arch": getattr(m, "arch", args.arch), "dataset": args.dataset, "num_classes": info.num_classes,
             "in_channels": info.channels, "image_size": info.size, "temperature": float(temperature),
             "method": method, "args": {k: _plain(v) for k, v in vars(args).items()}, "epoch": epoch,
@@ -833,9 +846,7 @@ def load_teacher(path, run):
                         f"not {run.args.dataset} ({run.info.num_classes} classes)")
     teacher, _ = build_model_from_checkpoint(ck, run.device)
     teacher.temperature = 1.0
-    if run.device.type == "cuda":
-        teacher = teacher.to(memory_format=torch.channels_last)
-    return teacher.eval().requires_grad_(False)
+    return run.to_device(teacher).eval().requires_grad_(False)
 
 
 class Trainer:

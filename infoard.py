@@ -139,10 +139,11 @@ def info_nce(za, zb, tau=0.07, symmetric=True):
     log B - loss lower-bounds the mutual information I(za; zb); it equals log B at chance. symmetric
     averages the za-anchored and zb-anchored directions (CLIP style).
     """
-    logits = za.float() @ zb.float().t() / tau
-    labels = torch.arange(len(za), device=za.device)
-    loss = F.cross_entropy(logits, labels)
-    return 0.5 * (loss + F.cross_entropy(logits.t(), labels)) if symmetric else loss
+    with torch.autocast(za.device.type, enabled=False):  # float32 similarities even inside autocast (tau 0.07)
+        logits = za.float() @ zb.float().t() / tau
+        labels = torch.arange(len(za), device=za.device)
+        loss = F.cross_entropy(logits, labels)
+        return 0.5 * (loss + F.cross_entropy(logits.t(), labels)) if symmetric else loss
 
 
 def attention_loss(s_stages, t_stages):
