@@ -66,6 +66,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-args", default="", help="extra flags for every training script, e.g. \"--batch-size 256\"")
     p.add_argument("--eval-args", default="", help="extra flags for evaluate.py, e.g. \"--apgd-iters 20\"")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, run nothing")
     a = p.parse_args(argv)
     a.arch = a.arch or ("papernot-mnist" if a.dataset == "mnist" else "resnet18")
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,14 +123,15 @@ def unit_cost(a, info, amp):
     bs = 64 if device.type == "cuda" else 16
     x, y = torch.rand(bs, info.channels, info.size, info.size, device=device), torch.zeros(bs, dtype=torch.long, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for i in range(3):  # one warm-up
-        if i == 1:
-            sync()
-            t = time.perf_counter()
+    times = []
+    for _ in range(4):  # the fastest of 3 after a warm-up: robust to a busy machine
+        sync()
+        t = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             F.cross_entropy(model(x).float(), y).backward()
-    sync()
-    return (time.perf_counter() - t) / (2 * bs)
+        sync()
+        times.append(time.perf_counter() - t)
+    return min(times[1:]) / bs
 
 
 def estimate(a, runs):
@@ -139,11 +141,13 @@ def estimate(a, runs):
     val = min(1000, n_all // 5)
     n_train = a.train_size or n_all - val
     cuda = torch.device(a.device).type == "cuda"
-    train_unit, eval_unit = unit_cost(a, info, cuda), unit_cost(a, info, False)  # evaluate.py: float32
-    iters = 100
-    if "--apgd-iters" in a.eval_args:
-        iters = int(shlex.split(a.eval_args)[shlex.split(a.eval_args).index("--apgd-iters") + 1])
-    eval_s = eval_unit * (a.n * iters * (1 + 9 * 0.5) + a.diagnose_n * 260)  # APGD-T on ~half; diagnostics
+    # x2: what a bare forward+backward leaves out (projections, optimizer, loaders, Python, a busy machine)
+    train_unit, eval_unit = 2 * unit_cost(a, info, cuda), 2 * unit_cost(a, info, False)  # evaluate.py: float32
+    import evaluate
+    ev = evaluate.get_args(["model.pt"] + shlex.split(a.eval_args))
+    # AA-lite: APGD-CE on all, APGD-T (9 targets) on the ~half still robust; diagnostics: ~240 attack steps
+    # plus min(1000, queries) Square forwards (a third of a forward+backward each)
+    eval_s = eval_unit * (a.n * ev.apgd_iters * (1 + 9 * 0.5) + a.diagnose_n * (240 + min(1000, ev.square_queries) / 3))
     for r in runs:
         stages = 2 if r["script"] == "defensive_distillation" else 1
         per_epoch = n_train * r["passes"] + stages * val * (1 if r["family"] == "dd" else STEPS + 1)
@@ -238,6 +242,8 @@ def main(argv=None):
     total_t, total_e = sum(r["est_train"] for r in runs), sum(r["est_eval"] for r in runs)
     print(f"rough estimate (one measured forward+backward x passes per image; easily off by 2x): training "
           f"{fmt_time(total_t)}, evaluation {fmt_time(total_e)}, total {fmt_time(total_t + total_e)}", flush=True)
+    if a.dry_run:
+        return []
     rows, t0 = [], time.time()
     for i, r in enumerate(runs, 1):
         if r["status"] != "done":
