@@ -5,8 +5,8 @@ One real launch, `python -m torch.distributed.run --nproc_per_node 2 -m tests.te
   (a) common.Run's TensorLoader shards are disjoint and together cover the training and validation data;
   (b) one optimizer step through run.prepare(model) (DDP, PGD through the wrapper) leaves identical
       parameters on both ranks, equal to a single-process step on the union of the two batches;
-  (c) a method script (at_alp.py) run by both ranks writes its files once (rank 0) and evaluate.py
-      reads the checkpoint like any other.
+  (c) a method script (at_alp.py) run by both ranks on the GPU path (--amp --channels-last: bf16 autocast,
+      NHWC) writes its files once (rank 0) and evaluate.py reads the checkpoint like any other.
 """
 import json
 import os
@@ -77,7 +77,8 @@ def worker(out):
 
     # (c) a whole method script, in-process on both ranks.
     import at_alp
-    res["best"] = at_alp.main(TINY + ["--epochs", str(EPOCHS), "--out-dir", os.path.join(out, "alp")])
+    res["best"] = at_alp.main(TINY + ["--epochs", str(EPOCHS), "--amp", "--channels-last",
+                               "--out-dir", os.path.join(out, "alp")])
     torch.save(res, os.path.join(out, f"rank{run.rank}.pt"))
 
 
@@ -137,6 +138,8 @@ def test_method_under_torchrun_writes_once_and_evaluates(ranks, tmp_path):
         epochs = [json.loads(line)["epoch"] for line in f]
     assert epochs == list(range(1, EPOCHS + 1))  # one line per epoch, not one per rank
     assert stdout.count("[at_alp] epoch 1/") == 1  # only rank 0 prints
+    args = common.load_checkpoint(r0["best"])["args"]
+    assert args["amp"] and args["channels_last"]  # trained on the GPU path
     import evaluate
     report = evaluate.main([r0["best"], "--preset", "quick", "--n", "64", "--device", "cpu",
                             "--json", str(tmp_path / "r.json")])
