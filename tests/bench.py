@@ -148,7 +148,8 @@ def bench_one(arch, mode, x, y, args, tmp):
         argv = ["--dataset", "synthetic", "--arch", arch, "--batch-size", str(args.batch_size), "--val-size", "64",
                 "--device", args.device, "--out-dir", tmp] + (["--compile"] if mode == "compile" else [])
         run = common.Run(common.base_parser("bench", epochs=1).parse_args(argv), "bench")
-        loader = common.make_loader((x, y), run.info, args.batch_size, run.device, train=True)
+        loader = common.make_loader((x, y), run.info, args.batch_size, run.device, train=True,
+                                    channels_last=run.channels_last)
         model = run.model()
         train_model = run.prepare(model)
         opt, sched = run.optimizer(model.parameters(), steps_per_epoch=len(loader))

@@ -68,6 +68,8 @@ def get_args(argv=None):
     p.add_argument("--eval-args", default="", help="extra flags for evaluate.py, e.g. \"--apgd-iters 20\"")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, run nothing")
     a = p.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise common.UserError("run tests.reproduce without torchrun (it calls the scripts one after another)")
     a.arch = a.arch or ("papernot-mnist" if a.dataset == "mnist" else "resnet18")
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     a.out_dir = a.out_dir or f"reproduce-{a.dataset}-{a.arch}"
