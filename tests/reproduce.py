@@ -218,14 +218,15 @@ def write_table(a, rows):
              f"(diagnostics on {a.diagnose_n})" + (f", precision {precision}" if precision else "") + ".", "",
              "| family | model | clean | AA-lite | verdict | train time | images/s | device |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in rows:  # the verdict's reasons are in results.json and eval/<name>.json
+        verdict = str(r["verdict"]).split(":")[0].replace("|", "/")
         lines.append(f"| {r['family']} | {r['label']} | {100 * r['clean']:.2f}% | {100 * r['aa_lite']:.2f}% | "
-                     f"{r['verdict']} | {fmt_time(r['train_s'])} | {r['images_per_s']:.0f} | {r['device']} |")
+                     f"{verdict} | {fmt_time(r['train_s'])} | {r['images_per_s']:.0f} | {r['device']} |")
     md = "\n".join(lines) + "\n"
     with open(os.path.join(a.out_dir, "results.md"), "w") as f:
         f.write(md)
     with open(os.path.join(a.out_dir, "results.json"), "w") as f:
-        json.dump({"settings": {k: v for k, v in vars(a).items()}, "rows": rows}, f, indent=1)
+        json.dump({"settings": vars(a), "rows": rows}, f, indent=1)
     return md
 
 
