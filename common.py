@@ -211,7 +211,8 @@ class TensorLoader:
     """Batches from uint8 images held on the device; augmentation happens there too (no CPU workers).
 
     Under DDP each rank takes every world-th index of one shared permutation: disjoint shards
-    that together cover the data.
+    that together cover the data. Opt-in: with `with_index = True` it yields (x, y, idx), idx the
+    positions of the batch in self.x (fixed across epochs and runs), for per-sample state (InfoARD's eps_i).
     """
 
     def __init__(self, x, y, batch_size, device, train=False, flip=True, rank=0, world=1, seed=0):
@@ -220,6 +221,7 @@ class TensorLoader:
         self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
         self.augment = train  # training batches are shuffled and (unless turned off) augmented
         self.progress = False  # live progress line inside each epoch (set for rank 0's training loader)
+        self.with_index = False
         self.channels_last = torch.device(device).type == "cuda"
 
     def set_epoch(self, epoch):
@@ -252,7 +254,7 @@ class TensorLoader:
             x = x.float().div_(255)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.y[j]
+            yield (x, self.y[j], j) if self.with_index else (x, self.y[j])
 
 
 class StreamLoader:
@@ -961,8 +963,9 @@ class Trainer:
     def epochs_to_run(self):
         return range(self.start_epoch, self.epochs)
 
-    def end_epoch(self, epoch, loss_sum, correct, seen, t_start, eval_model=None):
-        """Validate, log one line, write last.pt (and best.pt when validation improves). Returns the metrics."""
+    def end_epoch(self, epoch, loss_sum, correct, seen, t_start, eval_model=None, extra=None):
+        """Validate, log one line, write last.pt (and best.pt when validation improves). Returns the metrics.
+        `extra`: the method's own numbers (name -> float), appended to the line and the JSON."""
         r, a = self.run, self.run.args
         loss_sum, correct, seen = _all_sum([float(loss_sum), float(correct), float(seen)], r.device)
         loss = loss_sum / max(seen, 1)
@@ -983,11 +986,12 @@ class Trainer:
         eta = (time.time() - self.t0) / (epoch + 1 - self.start_epoch) * (self.epochs - epoch - 1)
         metrics = {"epoch": epoch + 1, "loss": loss, "train_acc": correct / max(seen, 1), "val_clean": val_clean,
                    "val_pgd10": val_pgd if steps else None, "lr": lr, "seconds": secs,
-                   "images_per_s": seen / max(secs, 1e-9), "eta_s": eta, "best": self.best}
+                   "images_per_s": seen / max(secs, 1e-9), "eta_s": eta, "best": self.best, **(extra or {})}
         if r.main:
             print(f"[{self.method}] epoch {epoch + 1}/{self.epochs}  loss {loss:.4f}  train {100 * metrics['train_acc']:.2f}%  "
                   f"val clean {100 * val_clean:.2f}%" + (f"  val pgd10 {100 * val_pgd:.2f}%" if steps else "")
-                  + f"  lr {lr:.4g}  {secs:.1f}s  {metrics['images_per_s']:.0f} img/s  eta {eta / 60:.1f} min", flush=True)
+                  + f"  lr {lr:.4g}  {secs:.1f}s  {metrics['images_per_s']:.0f} img/s  eta {eta / 60:.1f} min"
+                  + "".join(f"  {k} {v:.4g}" for k, v in (extra or {}).items()), flush=True)
             with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             ckpt = make_checkpoint(self.model, a, r.info, self.method, epoch, metrics, self.temperature)
