@@ -17,6 +17,7 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 
 import numpy as np
@@ -210,7 +211,8 @@ class TensorLoader:
     """Batches from uint8 images held on the device; augmentation happens there too (no CPU workers).
 
     Under DDP each rank takes every world-th index of one shared permutation: disjoint shards
-    that together cover the data.
+    that together cover the data. Opt-in: with `with_index = True` it yields (x, y, idx), idx the
+    positions of the batch in self.x (fixed across epochs and runs), for per-sample state (InfoARD's eps_i).
     """
 
     def __init__(self, x, y, batch_size, device, train=False, flip=True, rank=0, world=1, seed=0, channels_last=False):
@@ -218,6 +220,8 @@ class TensorLoader:
         self.batch_size, self.train, self.flip, self.device = batch_size, train, flip, device
         self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
         self.augment = train  # training batches are shuffled and (unless turned off) augmented
+        self.progress = False  # live progress line inside each epoch (set for rank 0's training loader)
+        self.with_index = False
         self.channels_last = channels_last  # NHWC float batches (Run decides: --channels-last)
 
     def set_epoch(self, epoch):
@@ -238,6 +242,9 @@ class TensorLoader:
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
     def __iter__(self):
+        return _with_progress(self, self._batches())
+
+    def _batches(self):
         idx = self.indices().to(self.device)
         for i in range(len(self)):
             j = idx[i * self.batch_size:(i + 1) * self.batch_size]
@@ -247,7 +254,7 @@ class TensorLoader:
             x = x.float().div_(255)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.y[j]
+            yield (x, self.y[j], j) if self.with_index else (x, self.y[j])
 
 
 class StreamLoader:
@@ -259,9 +266,10 @@ class StreamLoader:
         self.loader = DataLoader(dataset, batch_size, shuffle=train and self.sampler is None, sampler=self.sampler,
                                  num_workers=workers, pin_memory=torch.device(device).type == "cuda",
                                  drop_last=train, persistent_workers=workers > 0)
-        self.device = device
+        self.device, self.batch_size, self.epoch, self.progress = device, batch_size, 0, False
 
     def set_epoch(self, epoch):
+        self.epoch = epoch
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
 
@@ -269,8 +277,22 @@ class StreamLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        batches = ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in self.loader)
+        return _with_progress(self, batches)
+
+
+def _with_progress(loader, batches):
+    """Yield the batches; with `loader.progress` set, show a live line (images done, images/s, ETA) for the epoch."""
+    if not loader.progress:
+        yield from batches
+        return
+    bar = Progress(len(loader) * loader.batch_size, f"  epoch {loader.epoch + 1}")
+    try:
+        for i, batch in enumerate(batches):
+            yield batch
+            bar.done = (i + 1) * loader.batch_size
+    finally:
+        bar.close()
 
 
 def make_loader(data, info, batch_size, device, train=False, workers=8, rank=0, world=1, seed=0, channels_last=False):
@@ -303,6 +325,7 @@ def get_loaders(args, device, rank=0, world=1):
                                    bool(getattr(args, "channels_last", False)))
     train_loader = mk(train, True)
     train_loader.augment = getattr(args, "augment", True)
+    train_loader.progress = rank == 0
     if len(train_loader) == 0:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {n - val_size} training images"
                         + (f" per process ({world} processes)" if world > 1 else ""))
@@ -765,19 +788,73 @@ def _all_sum(values, device):
     return t.tolist()
 
 
+PROGRESS_EVERY = 30.0  # seconds between plain progress lines when stdout is not a terminal (logs, CI)
+
+
+def _clock(s):
+    return "?" if not math.isfinite(s) else f"{int(s) // 3600}:{int(s) % 3600 // 60:02d}:{int(s) % 60:02d}"
+
+
+class Progress:
+    """One live status line for long work (an evaluation, a training epoch), drawn by a background thread:
+    rewritten in place about once a second on a terminal, a plain line every PROGRESS_EVERY seconds
+    otherwise. The caller only sets `.done` (units finished) and `.note` (what runs now). No-op if not enabled."""
+
+    def __init__(self, total, label, unit="images", enabled=True):
+        self.total, self.label, self.unit, self.done, self.note = total, label, unit, 0, ""
+        self.enabled, self.tty, self.t0, self.width = enabled, sys.stdout.isatty(), time.time(), 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True) if enabled else None
+        if self._thread:
+            self._thread.start()
+
+    def line(self):
+        elapsed = time.time() - self.t0
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        return (f"{self.label}: {self.done}/{self.total} {self.unit}  {rate:.1f} {self.unit}/s  elapsed "
+                f"{_clock(elapsed)}  eta {_clock(eta)}" + (f"  {self.note}" if self.note else ""))
+
+    def _loop(self):
+        while not self._stop.wait(1.0 if self.tty else PROGRESS_EVERY):
+            self._draw()
+
+    def _draw(self):
+        text = self.line()
+        if self.tty:
+            sys.stdout.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+            sys.stdout.flush()
+        else:
+            print(text, flush=True)
+
+    def close(self):
+        """Stop drawing; on a terminal, wipe the line so the next print starts clean."""
+        if self._thread:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            if self.tty and self.width:
+                sys.stdout.write("\r" + " " * self.width + "\r")
+                sys.stdout.flush()
+
+
 def evaluate_accuracy(model, loader, eps, alpha, steps=10, amp=None):
-    """Clean and PGD-`steps` (CE, random start) accuracy of `model` in eval mode, summed over ranks."""
+    """Clean and PGD-`steps` (CE, random start) accuracy of `model` in eval mode, summed over ranks.
+    The attack may run under `amp`; correct-or-not is decided in float32."""
     was_training = model.training
     model.eval()
     correct = robust = total = 0
+
+    def right(v, y):
+        with torch.no_grad(), torch.autocast(v.device.type, enabled=False):
+            return (model(v).argmax(1) == y).sum().item()
     for x, y in loader:
-        with amp or contextlib.nullcontext():
-            with torch.no_grad():
-                correct += (model(x).argmax(1) == y).sum().item()
-            if steps > 0:
+        correct += right(x, y)
+        if steps > 0:
+            with amp or contextlib.nullcontext():
                 x_adv = pgd(model, x, y, eps, alpha, steps)
-                with torch.no_grad():
-                    robust += (model(x_adv).argmax(1) == y).sum().item()
+            robust += right(x_adv, y)
         total += len(y)
     model.train(was_training)
     correct, robust, total = _all_sum([correct, robust, total], next(model.parameters()).device)
@@ -897,8 +974,9 @@ class Trainer:
     def epochs_to_run(self):
         return range(self.start_epoch, self.epochs)
 
-    def end_epoch(self, epoch, loss_sum, correct, seen, t_start, eval_model=None):
-        """Validate, log one line, write last.pt (and best.pt when validation improves). Returns the metrics."""
+    def end_epoch(self, epoch, loss_sum, correct, seen, t_start, eval_model=None, extra=None):
+        """Validate, log one line, write last.pt (and best.pt when validation improves). Returns the metrics.
+        `extra`: the method's own numbers (name -> float), appended to the line and the JSON."""
         r, a = self.run, self.run.args
         loss_sum, correct, seen = _all_sum([float(loss_sum), float(correct), float(seen)], r.device)
         loss = loss_sum / max(seen, 1)
@@ -919,11 +997,12 @@ class Trainer:
         eta = (time.time() - self.t0) / (epoch + 1 - self.start_epoch) * (self.epochs - epoch - 1)
         metrics = {"epoch": epoch + 1, "loss": loss, "train_acc": correct / max(seen, 1), "val_clean": val_clean,
                    "val_pgd10": val_pgd if steps else None, "lr": lr, "seconds": secs,
-                   "images_per_s": seen / max(secs, 1e-9), "eta_s": eta, "best": self.best}
+                   "images_per_s": seen / max(secs, 1e-9), "eta_s": eta, "best": self.best, **(extra or {})}
         if r.main:
             print(f"[{self.method}] epoch {epoch + 1}/{self.epochs}  loss {loss:.4f}  train {100 * metrics['train_acc']:.2f}%  "
                   f"val clean {100 * val_clean:.2f}%" + (f"  val pgd10 {100 * val_pgd:.2f}%" if steps else "")
-                  + f"  lr {lr:.4g}  {secs:.1f}s  {metrics['images_per_s']:.0f} img/s  eta {eta / 60:.1f} min", flush=True)
+                  + f"  lr {lr:.4g}  {secs:.1f}s  {metrics['images_per_s']:.0f} img/s  eta {eta / 60:.1f} min"
+                  + "".join(f"  {k} {v:.4g}" for k, v in (extra or {}).items()), flush=True)
             with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             ckpt = make_checkpoint(self.model, a, r.info, self.method, epoch, metrics, self.temperature)

@@ -3,22 +3,26 @@
     python evaluate.py runs/ltd-cifar10-wrn-34-10/best.pt --preset standard      # "AA-lite" on the full test set
     python evaluate.py CKPT --preset quick --diagnose --examples grid.png        # PGD-20 + CW, masking checks
     python evaluate.py CKPT --attacks fgsm,pgd100 --n 2000 --eps 0.0157
-    python evaluate.py CKPT --transfer-from runs/other/best.pt                   # gray/black-box transfer
+    python evaluate.py CKPT --transfer-from runs/other/best.pt --transfer-steps 200   # gray/black-box transfer
 
 Threat model L-infinity; eps 8/255 (CIFAR/SVHN), 0.3 (MNIST), 4/255 (large folders) unless --eps.
 Attacks (written here from their papers, no extra dependency):
   fgsm, pgd20, pgd100 (CE, random start), cw (PGD-20 on the logit margin, "CW-inf"),
   apgd-ce, apgd-t (Croce & Hein 2020: APGD with momentum 0.75, step halving at checkpoints, 100 iterations;
-  APGD-T = targeted DLR against the 9 next most likely classes), square (Andriushchenko et al. 2020,
-  score-based black-box, 5,000 queries), transfer (PGD-20 crafted on --transfer-from), and autoattack
-  (the official package, only if it happens to be installed).
+  APGD-T = targeted DLR against the min(9, classes - 1) next most likely classes), square (Andriushchenko
+  et al. 2020, score-based black-box, 5,000 queries with AutoAttack's schedule), transfer (PGD crafted on
+  --transfer-from, --transfer-steps iterations), and autoattack (the official package, only if installed).
 Presets: quick = pgd20 + cw on 1,000 images; standard = apgd-ce + apgd-t ("AA-lite": AutoAttack without
 FAB-T and Square) on the full test set; full = standard + square.
 Like AutoAttack, each attack runs only on the images that are still robust, and robust accuracy is the
 per-image worst case over all attacks run. --diagnose adds the gradient-masking checks of Carlini et al.
 2019 ("On Evaluating Adversarial Robustness") and prints a verdict.
+Precision: float32 with TF32 off, as AutoAttack and RobustBench. --amp computes attack gradients under
+bf16 autocast for a quicker look; even then every decision (broken? best point? target hit? Square step
+kept?) is taken on float32 logits, the precision of the final verdict, and the report says "bf16".
 """
 import argparse
+import contextlib
 import inspect
 import json
 import math
@@ -27,6 +31,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
 import common
 
@@ -34,26 +39,58 @@ PRESETS = {"quick": ["pgd20", "cw"], "standard": ["apgd-ce", "apgd-t"], "full": 
 ATTACKS = ("fgsm", "pgd20", "pgd100", "cw", "apgd-ce", "apgd-t", "square", "transfer", "autoattack")
 
 
+# ------------------------------------------------------------------------------------- Precision
+def predict_logits(model, x):
+    """The verdict's logits: float32, autocast off. Whether an image is broken is decided here, always."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        return model(x).float()
+
+
+def predict(model, x):
+    return predict_logits(model, x).argmax(1)
+
+
+def decision_logits(model, x, logits):
+    """Logits to take an attack's decisions on: those of the forward just run if it ran in float32, a fresh
+    float32 forward if it ran under autocast. So no attack keeps a point as "broken" that the verdict rejects."""
+    return predict_logits(model, x) if torch.is_autocast_enabled(x.device.type) else logits.detach().float()
+
+
+@contextlib.contextmanager
+def strict_float32():
+    """TF32 off for convolutions and matmuls while evaluating (it rounds float32 inputs to 10 mantissa bits
+    on Ampere and newer GPUs); the previous settings come back afterwards."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 # ----------------------------------------------------------------------------------------- APGD
 def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75):
     """APGD (Croce & Hein 2020) for L-inf. loss: 'ce', 'dlr' or 'dlr-t' (targeted, needs `target`).
 
-    Returns the first misclassified iterate for broken points, else the highest-loss point.
+    Returns, as the official code, the last misclassified iterate for broken points, else the highest-loss
+    point. Under autocast the gradient comes from the bf16 forward and every decision from a float32 one.
     """
+    def loss_of(logits):
+        return (F.cross_entropy(logits, y, reduction="none") if loss == "ce" else common.dlr_loss(logits, y)
+                if loss == "dlr" else common.dlr_targeted_loss(logits, y, target))
+
     def loss_and_grad(z):
         z = z.clone().requires_grad_(True)
         logits = model(z).float()
-        value = (F.cross_entropy(logits, y, reduction="none") if loss == "ce" else common.dlr_loss(logits, y)
-                 if loss == "dlr" else common.dlr_targeted_loss(logits, y, target))
-        grad, = torch.autograd.grad(value.sum(), z)
-        return value.detach(), grad.detach(), logits.argmax(1) != y
+        grad, = torch.autograd.grad(loss_of(logits).sum(), z)
+        z32 = decision_logits(model, z.detach(), logits)
+        return loss_of(z32), grad.detach().contiguous(), z32.argmax(1) != y
 
     project = lambda z: torch.min(torch.max(z, x - eps), x + eps).clamp(0, 1)
     t = torch.rand_like(x) * 2 - 1
     x_cur = project(x + eps * t / t.flatten(1).abs().amax(1).view(-1, 1, 1, 1))
     value, grad, wrong = loss_and_grad(x_cur)
-    x_out = torch.where(wrong.view(-1, 1, 1, 1), x_cur, x)
-    broken = wrong.clone()
+    x_out, broken = torch.where(wrong.view(-1, 1, 1, 1), x_cur, x), wrong.clone()
     x_best, g_best, best = x_cur.clone(), grad.clone(), value.clone()
     step = torch.full((len(x), 1, 1, 1), 2.0 * eps, device=x.device)
     x_prev, v_prev = x_cur.clone(), value
@@ -72,8 +109,7 @@ def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75):
         x_new = project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev))
         x_prev, x_cur = x_cur, x_new
         value, grad, wrong = loss_and_grad(x_cur)
-        newly = wrong & ~broken
-        x_out[newly], broken = x_cur[newly], broken | wrong
+        x_out[wrong], broken = x_cur[wrong], broken | wrong  # the official x_best_adv[ind_pred] = x_adv[ind_pred]
         ups += (value > v_prev).float()
         v_prev = value
         better = value > best
@@ -89,47 +125,60 @@ def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75):
     return torch.where(broken.view(-1, 1, 1, 1), x_out, x_best)
 
 
-def apgd_targeted(model, x, y, eps, n_iter=100, n_targets=9):
-    """APGD-T: one targeted-DLR run per target class, ranked 2nd..(n_targets+1)th by the clean logits."""
-    with torch.no_grad():  # rank the other classes; the true class first whatever its logit
-        order = model(x).float().scatter(1, y[:, None], float("inf")).argsort(1, descending=True)
+def apgd_targeted(model, x, y, eps, n_iter=100, n_targets=9, status=None):
+    """APGD-T: one targeted-DLR run per target class, ranked 2nd..(n_targets+1)th by the clean float32 logits;
+    a target counts as a hit only if the float32 verdict says so (then no further targets for that image)."""
+    order = predict_logits(model, x).scatter(1, y[:, None], float("inf")).argsort(1, descending=True)
     x_adv, alive = x.clone(), torch.ones(len(x), dtype=torch.bool, device=x.device)
-    for r in range(1, min(n_targets, order.shape[1] - 1) + 1):
+    k = min(n_targets, order.shape[1] - 1)
+    for r in range(1, k + 1):
         idx = alive.nonzero().squeeze(1)
         if len(idx) == 0:
             break
+        if status:
+            status(f"apgd-t target {r}/{k}")
         adv = apgd(model, x[idx], y[idx], eps, n_iter, "dlr-t", target=order[idx, r])
-        with torch.no_grad():
-            hit = model(adv).argmax(1) != y[idx]
+        hit = predict(model, adv) != y[idx]
         x_adv[idx[hit]], alive[idx[hit]] = adv[hit], False
     return x_adv
 
 
 # --------------------------------------------------------------------------------------- Square
+SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # queries after which p halves
+
+
+def square_size(i, h, w, p_init=0.8):
+    """Side of the square at iteration i, AutoAttack's configuration (resc_schedule=False: the schedule is
+    indexed by the query number itself, not rescaled to 10,000 queries): s = round(sqrt(p h w))."""
+    p = p_init / 2 ** sum(i > t for t in SQUARE_HALVINGS)
+    return max(min(int(round(math.sqrt(p * h * w))), h - 1, w - 1), 1)
+
+
 def square_attack(model, x, y, eps, n_queries=5000, p_init=0.8):
     """Square attack, L-inf (Andriushchenko et al. 2020): random square updates of +-eps, kept when the
-    margin z_y - max_{i!=y} z_i decreases; the square's area shrinks on a fixed schedule. Queries only."""
-    def margin(z, labels):
-        with torch.no_grad():
-            return -common.cw_margin_loss(model(z).float(), labels)
+    float32 margin z_y - max_{i!=y} z_i decreases; one initial query plus `n_queries` iterations, as
+    AutoAttack counts them. A window whose new signs would change nothing is re-drawn (original Square code)."""
+    margin = lambda z, labels: -common.cw_margin_loss(predict_logits(model, z), labels)
     b, c, h, w = x.shape
-    x_adv = (x + eps * torch.randint(0, 2, (b, c, 1, w), device=x.device).float().mul(2).sub(1)).clamp(0, 1)
+    rand_signs = lambda *shape: torch.randint(0, 2, shape, device=x.device).float().mul(2).sub(1)
+    x_adv = (x + eps * rand_signs(b, c, 1, w)).clamp(0, 1)  # vertical stripes of +-eps
     m = margin(x_adv, y)
-    for i in range(n_queries - 1):
+    rows, cols = torch.arange(h, device=x.device).view(1, 1, h, 1), torch.arange(w, device=x.device).view(1, 1, 1, w)
+    for i in range(n_queries):
         todo = (m > 0).nonzero().squeeze(1)
         if len(todo) == 0:
             break
-        j = int(i * 10000 / n_queries)  # the paper's schedule is written for 10,000 queries
-        p = p_init / 2 ** sum(j > t for t in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
-        s = max(min(int(round(math.sqrt(p * h * w))), h - 1, w - 1), 1)
-        n = len(todo)
+        s, n = square_size(i, h, w, p_init), len(todo)
         r0 = torch.randint(0, h - s + 1, (n, 1, 1, 1), device=x.device)
         c0 = torch.randint(0, w - s + 1, (n, 1, 1, 1), device=x.device)
-        rows, cols = torch.arange(h, device=x.device).view(1, 1, h, 1), torch.arange(w, device=x.device).view(1, 1, 1, w)
         window = (rows >= r0) & (rows < r0 + s) & (cols >= c0) & (cols < c0 + s)
-        signs = torch.randint(0, 2, (n, c, 1, 1), device=x.device).float().mul(2).sub(1)
-        xs = x[todo]
-        cand = torch.where(window, (xs + eps * signs).clamp(0, 1), x_adv[todo])
+        xs, cur, signs = x[todo], x_adv[todo], rand_signs(n, c, 1, 1)
+        for _ in range(10):
+            cand = torch.where(window, (xs + eps * signs).clamp(0, 1), cur)
+            same = (cand == cur).flatten(1).all(1)
+            if not same.any():
+                break
+            signs[same] = rand_signs(int(same.sum()), c, 1, 1)
         m_new = margin(cand, y[todo])
         keep = m_new < m[todo]
         x_adv[todo[keep]], m[todo[keep]] = cand[keep], m_new[keep]
@@ -137,7 +186,8 @@ def square_attack(model, x, y, eps, n_queries=5000, p_init=0.8):
 
 
 # ------------------------------------------------------------------------------------ The cascade
-def run_attack(name, model, x, y, eps, alpha, source=None, apgd_iters=100, square_queries=5000):
+def run_attack(name, model, x, y, eps, alpha, source=None, apgd_iters=100, square_queries=5000, transfer_steps=20,
+               status=None):
     """Adversarial examples for one attack on a batch of (still robust) images."""
     if name == "fgsm":
         return common.pgd(model, x, y, eps, eps, 1, random_start=False)
@@ -148,16 +198,16 @@ def run_attack(name, model, x, y, eps, alpha, source=None, apgd_iters=100, squar
     if name == "apgd-ce":
         return apgd(model, x, y, eps, apgd_iters, "ce")
     if name == "apgd-t":
-        return apgd_targeted(model, x, y, eps, apgd_iters) if predict_logits(model, x[:1]).shape[1] >= 4 else x
+        return apgd_targeted(model, x, y, eps, apgd_iters, status=status)
     if name == "square":
         return square_attack(model, x, y, eps, square_queries)
     if name == "transfer":
-        return common.pgd(source, x, y, eps, alpha, 20)
+        return common.pgd(source, x, y, eps, alpha, transfer_steps)
     if name == "autoattack":
-        AutoAttack = official_autoattack()
-        aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=x.device)  # both packages' API
-        run = aa.run_standard_evaluation  # the batch-size keyword differs between the two packages
-        out = run(x, y, **{"bs" if "bs" in inspect.signature(run).parameters else "batch_size": len(x)})
+        with torch.autocast(x.device.type, enabled=False):  # the reference runs in the model's own float32
+            aa = official_autoattack()(model, norm="Linf", eps=eps, version="standard", device=x.device)
+            run = aa.run_standard_evaluation  # the batch-size keyword differs between the two packages
+            out = run(x, y, **{"bs" if "bs" in inspect.signature(run).parameters else "batch_size": len(x)})
         return out[0] if isinstance(out, tuple) else out  # the PyPI copy also returns the predicted labels
     raise common.UserError(f"unknown attack '{name}' (choose from {', '.join(ATTACKS)})")
 
@@ -172,24 +222,26 @@ def official_autoattack():
     return None
 
 
-def cascade(model, x, y, names, attack, eps, autocast, seconds):
+def cascade(model, x, y, names, attack, eps, autocast, seconds, status=None):
     """Run the attacks one after another, each only on the images still robust (as AutoAttack does).
 
     Returns ({"clean"/name: bool mask of images still robust after it}, the adversarial images found) and
     adds each attack's time to `seconds`. An image broken by any attack stays broken: worst case per image.
+    Broken means misclassified by the float32 verdict, whatever precision the attack ran in.
     """
     sync(x.device); t = time.time()
-    with autocast():
-        alive = predict(model, x) == y
+    alive = predict(model, x) == y
     sync(x.device); seconds["clean"] += time.time() - t
     masks, x_show = {"clean": alive.clone()}, x.clone()
     for name in names:
         idx = alive.nonzero().squeeze(1)
         sync(x.device); t = time.time()
         if len(idx):
+            if status:
+                status(name)
             with autocast():
                 adv = attack(name, x[idx], y[idx])
-                hit = predict(model, adv) != y[idx]
+            hit = predict(model, adv) != y[idx]
             if (adv - x[idx]).abs().max() > eps + 1e-5:
                 raise RuntimeError(f"attack {name} left the eps ball")
             alive[idx[hit]] = False
@@ -199,51 +251,79 @@ def cascade(model, x, y, names, attack, eps, autocast, seconds):
     return masks, x_show
 
 
-def predict_logits(model, x):
-    """Logits in float32 even inside autocast: deciding correct vs broken must not depend on bf16 rounding."""
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        return model(x).float()
-
-
-def predict(model, x):
-    return predict_logits(model, x).argmax(1)
-
-
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
+def protocol_label(names, num_classes):
+    """What was run, in words that cannot be mistaken for full AutoAttack."""
+    targets = f"{min(9, num_classes - 1)} targets"
+    if names == ["apgd-ce", "apgd-t"]:
+        return f"AA-lite: apgd-ce, apgd-t ({targets}; no FAB-T, no Square)"
+    if names == ["apgd-ce", "apgd-t", "square"]:
+        return f"AA-lite + Square: apgd-ce, apgd-t ({targets}), square (no FAB-T)"
+    if names == ["autoattack"]:
+        return "AutoAttack, official package, version standard"
+    return "custom: " + ", ".join(names)
+
+
+def cascade_warnings(names, acc_after):
+    """AutoAttack-style hints from numbers the cascade already has (fractions in, messages out)."""
+    out, pos = [], {k: i for i, k in enumerate(names)}
+    if "apgd-ce" in pos and pos.get("apgd-t", -1) == pos["apgd-ce"] + 1:
+        drop = acc_after["apgd-ce"] - acc_after["apgd-t"]
+        if drop > 0.02:
+            out.append(f"hint: APGD-T (DLR) removed {100 * drop:.1f} points after APGD-CE; a gap between the CE and "
+                       f"the margin/DLR losses is a classic sign of gradient masking (try --diagnose)")
+    if "square" in pos and pos["square"] > 0 and any(k.startswith("apgd") for k in names[:pos["square"]]):
+        drop = acc_after[names[pos["square"] - 1]] - acc_after["square"]
+        if drop > 0.002:
+            out.append(f"warning: the black-box Square attack lowered robust accuracy by {100 * drop:.2f} points after "
+                       f"the white-box attacks (AutoAttack's own check warns above 0.2): the gradients may be masked")
+    return out
+
+
 # --------------------------------------------------------------------------------- Diagnostics
-def diagnose(model, x, y, eps, alpha, num_classes, autocast, square_queries=1000):
-    """Gradient-masking checks (Carlini et al. 2019, section 5 of our defensive-distillation notes)."""
+def diagnose(model, x, y, eps, alpha, num_classes, autocast, square_queries=1000, status=None):
+    """Gradient-masking checks (Carlini et al. 2019, section 5 of our defensive-distillation notes).
+    Every accuracy is a float32 verdict; Square runs in float32 whatever the autocast."""
     d, reasons = {}, []
-    with torch.no_grad():
-        z = model(x).float()  # diagnostics in float32: saturation is a numerical effect
+    z = predict_logits(model, x)  # diagnostics in float32: saturation is a numerical effect
     top2 = z.topk(2, 1).values
     d["mean_abs_logit"] = z.abs().mean().item()
     d["mean_top2_margin"] = (top2[:, 0] - top2[:, 1]).mean().item()
     d["saturated_softmax_share"] = (F.softmax(z, 1).amax(1) == 1.0).float().mean().item()
-    xg = x.clone().requires_grad_(True)
-    g, = torch.autograd.grad(F.cross_entropy(model(xg).float(), y, reduction="sum"), xg)
-    d["zero_grad_share"] = (g.flatten(1).abs().amax(1) == 0).float().mean().item()
-    acc = lambda xa: (predict(model, xa) == y).float().mean().item()
+    margin_loss = common.dlr_loss if num_classes >= 3 else common.cw_margin_loss
+    for key, loss in (("zero_grad_share", lambda o: F.cross_entropy(o, y, reduction="sum")),
+                      ("zero_grad_share_dlr", lambda o: margin_loss(o, y).sum())):
+        xg = x.clone().requires_grad_(True)
+        g, = torch.autograd.grad(loss(model(xg).float()), xg)
+        d[key] = (g.flatten(1).abs().amax(1) == 0).float().mean().item()
+    ok = lambda xa: predict(model, xa) == y  # per image
+    acc = lambda xa: ok(xa).float().mean().item()
+    step = lambda name: status(name) if status else None
     with autocast():
         d["acc_clean"] = acc(x)
-        d["acc_fgsm"] = acc(common.pgd(model, x, y, eps, eps, 1, random_start=False))
-        d["acc_pgd20_ce"] = acc(common.pgd(model, x, y, eps, alpha, 20))
-        d["acc_pgd100_ce"] = acc(common.pgd(model, x, y, eps, alpha, 100))
-        d["acc_pgd20_cw"] = acc(common.pgd(model, x, y, eps, alpha, 20, loss="cw"))
-        d["acc_square"] = acc(square_attack(model, x, y, eps, n_queries=square_queries))
+        step("fgsm"); d["acc_fgsm"] = acc(common.pgd(model, x, y, eps, eps, 1, random_start=False))
+        step("pgd20"); ok20 = ok(common.pgd(model, x, y, eps, alpha, 20))
+        step("pgd100"); ok100 = ok(common.pgd(model, x, y, eps, alpha, 100))
+        step("pgd20 on the margin"); ok_cw = ok(common.pgd(model, x, y, eps, alpha, 20, loss="cw"))
+        step("square"); ok_sq = ok(square_attack(model, x, y, eps, n_queries=square_queries))
         sweep = sorted({min(eps * f, 0.5) for f in (1, 2, 4)} | {0.5})
-        d["eps_sweep"] = {f"{e:.4f}": acc(common.pgd(model, x, y, e, e / 4, 20, loss="cw")) for e in sweep}
-    white = min(d["acc_pgd20_ce"], d["acc_pgd100_ce"], d["acc_pgd20_cw"])
+        step("eps sweep"); d["eps_sweep"] = {f"{e:.4f}": acc(common.pgd(model, x, y, e, e / 4, 20, loss="cw")) for e in sweep}
+    d["acc_pgd20_ce"], d["acc_pgd100_ce"], d["acc_pgd20_cw"], d["acc_square"] = (
+        v.float().mean().item() for v in (ok20, ok100, ok_cw, ok_sq))
+    d["square_only_images"] = int((ok20 & ok100 & ok_cw & ~ok_sq).sum())  # broken by Square alone
     gap = d["acc_pgd20_ce"] - d["acc_pgd20_cw"]
     if gap > 0.10:
         reasons.append(f"CE-vs-margin gap: PGD-20 on cross-entropy leaves {100 * d['acc_pgd20_ce']:.1f}% but on the "
                        f"logit margin {100 * d['acc_pgd20_cw']:.1f}% (the CE gradient is uninformative)")
     if d["zero_grad_share"] > 0.10:
         reasons.append(f"{100 * d['zero_grad_share']:.0f}% of images have an exactly zero input gradient of the CE loss")
+    if d["zero_grad_share_dlr"] > 0.10:
+        reasons.append(f"{100 * d['zero_grad_share_dlr']:.0f}% of images have an exactly zero input gradient of the "
+                       f"{'DLR' if num_classes >= 3 else 'margin'} loss")
     if d["saturated_softmax_share"] > 0.5 and d["mean_abs_logit"] > 50:
         reasons.append(f"saturated softmax: mean |logit| {d['mean_abs_logit']:.0f}, max probability exactly 1 for "
                        f"{100 * d['saturated_softmax_share']:.0f}% of images")
@@ -251,8 +331,9 @@ def diagnose(model, x, y, eps, alpha, num_classes, autocast, square_queries=1000
         reasons.append("single-step FGSM beats iterative PGD-20")
     if d["acc_pgd100_ce"] > d["acc_pgd20_ce"] + 0.03:
         reasons.append("more PGD steps helped the defence")
-    if d["acc_square"] < white - 0.03:
-        reasons.append(f"black-box Square ({100 * d['acc_square']:.1f}%) beats the white-box attacks ({100 * white:.1f}%)")
+    if d["square_only_images"] >= SQUARE_ONLY_IMAGES:
+        reasons.append(f"black-box Square ({square_queries} queries) breaks {d['square_only_images']} images that "
+                       f"PGD-20, PGD-100 and CW-inf all left robust")
     accs = list(d["eps_sweep"].values())
     if accs[-1] > max(0.05, 1.5 / num_classes):
         reasons.append(f"accuracy does not reach ~0 as eps grows ({100 * accs[-1]:.1f}% at eps 0.5)")
@@ -261,6 +342,9 @@ def diagnose(model, x, y, eps, alpha, num_classes, autocast, square_queries=1000
     d["reasons"], d["masking_suspected"] = reasons, bool(reasons)
     d["verdict"] = ("gradient masking suspected: " + "; ".join(reasons)) if reasons else "no sign of gradient masking"
     return d
+
+
+SQUARE_ONLY_IMAGES = 3  # "a few images": Square beating every white-box attack on this many is a masking sign
 
 
 # ---------------------------------------------------------------------------------------- Output
@@ -292,20 +376,27 @@ def get_args(argv=None):
     p.add_argument("--apgd-iters", type=int, default=100, help="APGD iterations (AutoAttack: 100)")
     p.add_argument("--square-queries", type=int, default=5000, help="Square queries (AutoAttack: 5,000)")
     p.add_argument("--transfer-from", default=None, help="source checkpoint for the transfer attack")
+    p.add_argument("--transfer-steps", type=int, default=20, help="PGD iterations of the transfer attack")
     p.add_argument("--diagnose", action="store_true", help="run the gradient-masking checks")
-    p.add_argument("--diagnose-n", type=int, default=500, help="images used by the diagnostics")
+    p.add_argument("--diagnose-n", type=int, default=500, help="images used by the diagnostics (a seeded random subset)")
     p.add_argument("--json", default=None, help="report path (default: <checkpoint>.eval.json)")
     p.add_argument("--examples", default=None, help="write a PNG grid of clean vs adversarial images")
     p.add_argument("--dataset", default=None, help="override the checkpoint's dataset")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--no-amp", action="store_true", help="attack in float32 instead of bf16 autocast (CUDA)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="attack gradients under bf16 autocast (quicker, labelled bf16; decisions stay float32)")
+    p.add_argument("--quiet", action="store_true", help="no live progress line")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def main(argv=None):
-    args = get_args(argv)
+    with strict_float32():
+        return evaluate(get_args(argv))
+
+
+def evaluate(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     model, ck = common.build_model_from_checkpoint(args.checkpoint, device)
@@ -316,13 +407,19 @@ def main(argv=None):
         raise common.UserError(f"dataset mismatch: checkpoint expects {ck['num_classes']} classes of "
                                f"{ck.get('in_channels', 3)}x{ck.get('image_size', 32)}px ({ck['dataset']}), but "
                                f"'{dataset}' has {info.num_classes} classes of {info.channels}x{info.size}px")
-    names = list(dict.fromkeys(args.attacks.split(","))) if args.attacks else PRESETS[args.preset]  # no repeats
+    names = list(dict.fromkeys(args.attacks.split(","))) if args.attacks else list(PRESETS[args.preset])  # no repeats
     for name in names:
         if name not in ATTACKS:
             raise common.UserError(f"unknown attack '{name}' (choose from {', '.join(ATTACKS)})")
+    if args.transfer_steps < 1:
+        raise common.UserError(f"--transfer-steps must be >= 1, got {args.transfer_steps}")
     if "autoattack" in names and official_autoattack() is None:
         raise common.UserError("--attacks autoattack needs the official package installed: fra31/auto-attack "
                                "(imports as autoattack) or its PyPI copy pyautoattack")
+    skipped = {}
+    if "apgd-t" in names and info.num_classes < 4:  # targeted DLR reads the 3rd and 4th largest logits
+        names.remove("apgd-t")
+        skipped["apgd-t"] = f"needs 4+ classes, {dataset} has {info.num_classes}"
     source = None
     if "transfer" in names or args.transfer_from:
         if not args.transfer_from:
@@ -337,51 +434,68 @@ def main(argv=None):
     n = min(args.n or (1000 if args.preset == "quick" and not args.attacks else n_all), n_all)
     # A fixed random subset, not the first n: folder trees are stored class by class.
     idx = torch.randperm(n_all, generator=torch.Generator().manual_seed(0))[:n] if n < n_all else torch.arange(n_all)
-    if ys is None:
-        from torch.utils.data import Subset
-        data = (Subset(xs, idx.tolist()), None)
-    else:
-        data = (xs[idx], ys[idx])
-    loader = common.make_loader(data, info, args.batch_size, device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and not args.no_amp \
-        else (lambda: torch.autocast("cpu", enabled=False))
+    subset = lambda ii: (Subset(xs, ii.tolist()), None) if ys is None else (xs[ii], ys[ii])
+    loader = common.make_loader(subset(idx), info, args.batch_size, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
+    precision = ("bf16 autocast for attack gradients, every decision in float32" if args.amp else "float32") + \
+        (", TF32 off" if device.type == "cuda" else "")
+    protocol = protocol_label(names, info.num_classes) + "".join(f"; {k} skipped ({v})" for k, v in skipped.items())
 
+    print(f"{args.checkpoint}: method {ck['method']}, arch {ck['arch']}, {dataset}, deployed temperature {model.temperature:g}")
+    print(f"L-inf eps {eps:.4f} ({eps * 255:.1f}/255), {n} test images, {protocol}, precision: {precision}", flush=True)
     correct, robust_after = 0, {k: 0 for k in names}
     seconds = {k: 0.0 for k in ["clean"] + names}
-    grid, diag_x, diag_y = None, [], []
-    attack = lambda name, xa, ya: run_attack(name, model, xa, ya, eps, alpha, source, args.apgd_iters, args.square_queries)
-    for x, y in loader:
-        alive, x_show = cascade(model, x, y, names, attack, eps, autocast, seconds)
-        correct += alive["clean"].sum().item()
-        for name in names:
-            robust_after[name] += alive[name].sum().item()
-        if grid is None:
-            grid = (x, x_show, y, predict(model, x_show))
-        if args.diagnose and sum(len(v) for v in diag_y) < args.diagnose_n:
-            diag_x.append(x), diag_y.append(y)
+    grid, bar, nb = None, common.Progress(n, "evaluating", enabled=not args.quiet), len(loader)
+    attack = lambda name, xa, ya: run_attack(name, model, xa, ya, eps, alpha, source, args.apgd_iters,
+                                             args.square_queries, args.transfer_steps, status)
+    try:
+        for b, (x, y) in enumerate(loader):
+            so_far = f"robust so far {100 * robust_after[names[-1]] / bar.done:.1f}%  " if names and bar.done else ""
+            status = lambda what: setattr(bar, "note", f"{so_far}[batch {b + 1}/{nb}: {what}]")
+            alive, x_show = cascade(model, x, y, names, attack, eps, autocast, seconds, status)
+            correct += alive["clean"].sum().item()
+            for name in names:
+                robust_after[name] += alive[name].sum().item()
+            bar.done += len(y)
+            if grid is None:
+                grid = (x, x_show, y, predict(model, x_show))
+    finally:
+        bar.close()
 
+    acc_after = {k: robust_after[k] / n for k in names}
     report = {"checkpoint": os.path.abspath(args.checkpoint), "method": ck["method"], "arch": ck["arch"],
               "dataset": dataset, "temperature": model.temperature, "epoch": ck["epoch"] + 1, "train_metrics": ck["metrics"],
-              "n": n, "eps": eps, "alpha": alpha, "attack_settings": {"pgd_step": alpha, "apgd_iters": args.apgd_iters,
-              "apgd_t_targets": 9, "square_queries": args.square_queries, "transfer_from": args.transfer_from, "amp": "bf16" if
-              device.type == "cuda" and not args.no_amp else "fp32"}, "device": str(device),
-              "clean_acc": correct / n, "attacks": [{"name": k, "acc_after": robust_after[k] / n, "seconds": seconds[k]} for k in names],
-              "robust_acc": (robust_after[names[-1]] if names else correct) / n, "seconds": seconds}
-    print(f"{args.checkpoint}: method {ck['method']}, arch {ck['arch']}, {dataset}, deployed temperature {model.temperature:g}")
-    print(f"L-inf eps {eps:.4f} ({eps * 255:.1f}/255), {n} test images, attacks: {', '.join(names)}")
+              "n": n, "eps": eps, "alpha": alpha, "protocol": protocol, "precision": precision, "skipped": skipped,
+              "attack_settings": {"pgd_step": alpha, "apgd_iters": args.apgd_iters, "apgd_restarts": 1,
+                                  "apgd_t_targets": min(9, info.num_classes - 1), "square_queries": args.square_queries,
+                                  "square_schedule": "AutoAttack (resc_schedule=False)", "transfer_from": args.transfer_from,
+                                  "transfer_steps": args.transfer_steps, "amp": "bf16" if args.amp else "fp32"},
+              "device": str(device), "clean_acc": correct / n,
+              "attacks": [{"name": k, "acc_after": acc_after[k], "seconds": seconds[k]} for k in names],
+              "robust_acc": (robust_after[names[-1]] if names else correct) / n, "seconds": seconds,
+              "warnings": cascade_warnings(names, acc_after)}
     print(f"  {'clean':<12}{100 * report['clean_acc']:7.2f}%  {seconds['clean']:8.1f}s")
     for a in report["attacks"]:
         print(f"  {'after ' + a['name']:<12}{100 * a['acc_after']:7.2f}%  {a['seconds']:8.1f}s")
-    print(f"robust accuracy (per-image worst case over {len(names)} attacks): {100 * report['robust_acc']:.2f}%")
+    for w in report["warnings"]:
+        print(w)
     if args.diagnose:
-        x, y = torch.cat(diag_x)[:args.diagnose_n], torch.cat(diag_y)[:args.diagnose_n]
-        report["diagnostics"] = diagnose(model, x, y, eps, alpha, info.num_classes, autocast,
-                                         min(1000, args.square_queries))
-        dg = report["diagnostics"]
+        didx = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 1))[:args.diagnose_n]
+        batches = list(common.make_loader(subset(idx[didx]), info, args.batch_size, device))
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        bar = common.Progress(6, f"diagnostics on {len(y)} images", "checks", enabled=not args.quiet)
+        check = lambda what: setattr(bar, "done", bar.done + bool(bar.note)) or setattr(bar, "note", what)
+        try:
+            report["diagnostics"] = dg = diagnose(model, x, y, eps, alpha, info.num_classes, autocast,
+                                                  min(1000, args.square_queries), check)
+        finally:
+            bar.close()
         print(f"diagnostics on {len(y)} images: mean |logit| {dg['mean_abs_logit']:.1f}, zero CE gradient "
-              f"{100 * dg['zero_grad_share']:.0f}%, PGD-20 CE {100 * dg['acc_pgd20_ce']:.1f}% vs CW "
-              f"{100 * dg['acc_pgd20_cw']:.1f}%, eps sweep {', '.join(f'{100 * v:.0f}%' for v in dg['eps_sweep'].values())}")
+              f"{100 * dg['zero_grad_share']:.0f}% (DLR {100 * dg['zero_grad_share_dlr']:.0f}%), PGD-20 CE "
+              f"{100 * dg['acc_pgd20_ce']:.1f}% vs CW {100 * dg['acc_pgd20_cw']:.1f}%, Square-only breaks "
+              f"{dg['square_only_images']}, eps sweep {', '.join(f'{100 * v:.0f}%' for v in dg['eps_sweep'].values())}")
         print(f"verdict: {dg['verdict']}")
+    print(f"robust accuracy ({protocol}; {precision}; per-image worst case): {100 * report['robust_acc']:.2f}%")
     path = args.json or os.path.splitext(args.checkpoint)[0] + ".eval.json"
     with open(path, "w") as f:
         json.dump(report, f, indent=1)

@@ -4,57 +4,60 @@ Paper: "InfoARD: Enhancing Adversarial Robustness Distillation with Attack-Stren
 Mutual-Information Maximization", Ruihan Liu, Jieyi Cai, Yishu Liu, Sudong Cai, Bingzhi Chen, Yulan Guo,
 Mohammed Bennamoun. IEEE Transactions on Image Processing, 2025, doi 10.1109/TIP.2025.3637689 (no arXiv id).
 
-Idea. A robust teacher T (e.g. a PGD-AT WRN-34-10) is distilled into a small student S on adversarial
-examples, as in RSLAD. The abstract names two problems of adversarial distillation, a fixed attack strength
-and "attention region shift", and answers them with ASA (attack-strength adaptation) + MIM
-(mutual-information maximisation). Our reconstruction [P]: ASA replaces the one eps of every image by a
-per-image budget, larger where the teacher is confident (its soft label is reliable far from x) and smaller
-where it is not; MIM pulls, besides the logits, the student's pooled features and its attention maps towards
-the teacher's. With p_T = softmax(T(x)), x' the ASA adversarial example:
+Idea. A robust teacher T is distilled into a small student S on adversarial examples, as in RSLAD. The
+abstract names two problems of adversarial distillation, a fixed attack strength and "attention region
+shift", and answers them with ASA (attack-strength adaptation) + MIM (mutual-information maximisation).
+Our reconstruction [P]: ASA gives every training image its own budget eps_i, remembered across epochs and
+moved by how the student copes with it; MIM pulls, besides the logits, the student's pooled features and its
+attention maps towards the teacher's. With p_T = softmax(T(x)), x' the ASA adversarial example:
 
-  ASA   eps_i = clip(eps0 (0.5 + p_T(y_i | x_i)), lo, hi)  in [4/255, 12/255],   alpha_i = eps_i / 4,
-        x'_i  = PGD_10 maximising KL(T(x_i) || S(x'_i)) in the ball ||x'_i - x_i||_inf <= eps_i
+  ASA   eps_i <- clip(eps_i + gamma [S resists x'(eps_i + gamma)] - gamma [S fails x'(eps_i)], lo, hi) once
+        per epoch (on each visit), eps_i = eps0 in the first --asa-warmup epochs; [lo, hi] = [4/255, 12/255]
+        x'_i  = PGD_10 (step eps_i/4) maximising KL(T(x_i) || S(x'_i)) in ||x'_i - x_i||_inf <= eps_i
   L   = w_kl  [ 5/6 KL(T(x) || S(x')) + 1/6 KL(T(x) || S(x)) ]                 (RSLAD form, batchmean)
       + w_nce InfoNCE(g_s(z_S(x')), g_t(z_T(x)); tau)                              (I(z_S; z_T) >= log B - L_nce)
       + w_at  sum_{l=1..3} mean (a(S_l(x')) - a(T_l(x)))^2,  a(f) = normalise(vec(mean_c f^2))
 
-g_s, g_t are linear maps to 128-d, L2-normalised; they train with the student and are not deployed.
-`--asa off --mim logit` is RSLAD's attack and loss (Zi et al., ICCV 2021): the baseline lives in this file.
+"Resists" = S (eval mode) still predicts y. g_s, g_t: linear maps to 128-d, L2-normalised, trained with S,
+not deployed. `--asa conf` is the older teacher-confidence rule eps_i = clip(eps0 (0.5 + p_T(y|x)), lo, hi).
+RSLAD mode, `--asa off --mim logit` (--inner rslad), is RSLAD's attack and loss (Zi et al., ICCV 2021) at its
+KL scale, w_kl 0.1 by default; it is named `rslad` only at w_kl 0.1, else `rslad-like-wkl<w>`.
 
-Train and evaluate (CIFAR-10; without --teacher a PGD-AT WRN-34-10 teacher is trained first, into
-<out-dir>/teacher/best.pt; reuse it for the baseline so both students share one teacher):
-  python infoard.py --dataset cifar10                                  # -> runs/infoard-cifar10-resnet18/best.pt
-  python infoard.py --dataset cifar10 --asa off --mim logit --w-kl 0.1 --teacher runs/infoard-cifar10-resnet18/teacher/best.pt
-  python evaluate.py runs/infoard-cifar10-resnet18/best.pt --preset standard --diagnose
-  python evaluate.py runs/rslad-cifar10-resnet18/best.pt --preset standard --diagnose
-The baseline above is RSLAD at its own loss scale (w_kl 0.1 = its B*C mean; 200 epochs, not its 300). To
-measure what ASA + MIM add, both arms need the same KL scale: also run the baseline without --w-kl 0.1
-(w_kl 1, as InfoARD) under another --out-dir, and compare InfoARD with that one.
-Options: --arch mobilenetv2 (student); --teacher any checkpoint of this repo; --asa search; --inner adaad.
+Train and evaluate (CIFAR-10). RSLAD distils from a TRADES teacher; ltd.py makes one. Both arms share it and
+the KL scale (0.1, RSLAD's):
+  python ltd.py --dataset cifar10 --no-distill --no-awp --out-dir runs/trades-c10   # TRADES WRN-34-10 teacher
+  python infoard.py --dataset cifar10 --teacher runs/trades-c10/best.pt --w-kl 0.1  # -> runs/infoard-cifar10-resnet18
+  python infoard.py --dataset cifar10 --teacher runs/trades-c10/best.pt --asa off --mim logit   # -> runs/rslad-...
+  python evaluate.py runs/infoard-cifar10-resnet18/best.pt --preset standard --diagnose   # and the rslad one
+Without --teacher a PGD-AT WRN-34-10 teacher is trained first, into <out-dir>/teacher. RSLAD ran 300 epochs,
+we run 200. Options: --arch mobilenetv2 (student); --asa conf|off; --inner adaad; --w-kl 1 on both arms.
 
-Fidelity ([C] primary source, [A] abstract, [S] secondary, [P] our proposal; § = our research notes).
-The paper's full text and code were not available to us.
+Fidelity ([C] primary source, [A] abstract, [REL] related paper, [P] ours; § = our research notes).
+The paper's full text and code were not available to us (second search: still none).
   Confirmed [C/A]: title, authors, venue; that fixed attack strength and attention region shift are the two
-    problems and ASA + MIM the answer (abstract only). Secondary [S, low trust]: that ASA adapts the
-    strength per instance (an AI-written summary of the paper).
+    problems and ASA + MIM the answer; that strength is tailored to "individual instances" (abstract).
+  [REL] ICRL (Computer Engineering 51(1), 2025, two InfoARD authors): a strength per instance, updated as
+    the student grows more robust. Hence (this pass) the student-driven table replaced our teacher-confidence
+    rule as the default, and the batch-local `--asa search` (forgot everything after each batch) is gone.
   Confirmed baseline [C]: RSLAD's inner loss, its 5/6-1/6 outer KL at temperature 1 and its 0.001 N(0,1)
-    start; the training protocol SGD 0.1, momentum 0.9, wd 2e-4 (RSLAD/ARD/IAD; AdaAD 5e-4), batch 128
-    (ARD: 256 on CIFAR-100), eps 8/255, 10 x 2/255, with ARD/IAD/AdaAD's 200 epochs and x0.1 at 100/150
-    (RSLAD itself ran 300 epochs).
-  Reconstructed, ours [P, §2]: every InfoARD rule and constant. The confidence rule for eps_i and its range,
-    alpha_i = eps_i/4; the batch-local `--asa search` (below); the RSLAD inner loss as default (the notes
-    proposed AdaAD's: `--inner adaad`); reading MIM as feature + attention terms against attention region
-    shift; InfoNCE with in-batch negatives (per rank under torchrun: B/world of them), symmetric, tau 0.07
-    (CRD's value), 128-d linear heads; Attention Transfer on the first three stage maps with weight 1000
-    (RepDistiller's); w_kl = w_nce = 1; the PGD-AT teacher when none is given; best.pt by val PGD-10; KL
-    with `batchmean` throughout. RSLAD's code averages its KL over B*C (x10 on CIFAR-100), i.e. batchmean/10
-    on both datasets: `--w-kl 0.1` reproduces its exact loss scale (§6).
+    start; its B*C-mean KL (x10 on CIFAR-100), i.e. batchmean/10 on both: w_kl 0.1 here (§6); its TRADES
+    WRN-34-10 teacher on CIFAR-10; SGD 0.1, momentum 0.9, wd 2e-4, batch 128, eps 8/255, 10 x 2/255, with
+    ARD/IAD/AdaAD's 200 epochs and x0.1 at 100/150 (RSLAD: 300 epochs).
+  Reconstructed, ours [P, §2]: every InfoARD rule and constant. The update rule (IAAT's up/down step, Balaji
+    et al. 2019, with a per-sample memory), its cost (one probe attack at eps_i + gamma per batch besides the
+    training attack, whose result gives "fails"), gamma 1.9/255 (IAAT's), 10 warm-up epochs, the range
+    [eps0/2, 3 eps0/2], alpha_i = eps_i/4; the RSLAD inner loss as default (the notes proposed AdaAD's:
+    `--inner adaad`); MIM as feature + attention terms; InfoNCE with in-batch negatives (per rank under
+    torchrun: B/world of them), symmetric, tau 0.07 (CRD's), 128-d heads; Attention Transfer on the first
+    three stage maps, weight 1000 (RepDistiller's); w_kl = w_nce = 1 outside RSLAD mode (KL `batchmean`);
+    the PGD-AT teacher when none is given; best.pt by val PGD-10.
 """
 import os
 import time
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
@@ -64,22 +67,19 @@ import common
 #                          ASA: per-sample attack strength (all [P])                         #
 ##############################################################################################
 def asa_eps(teacher_probs_true, eps0, lo, hi):
-    """eps_i = eps0 (0.5 + p_T(y_i|x_i)) clipped to [lo, hi]: monotone in the teacher's confidence.
-
-    A confident teacher's soft label is trustworthy further from x, so the student is attacked harder
-    there; where the teacher is unsure (its label is a poor target under a big perturbation) less so.
-    """
+    """--asa conf: eps_i = eps0 (0.5 + p_T(y_i|x_i)) clipped to [lo, hi]; a confident teacher's soft label is
+    trusted further from x, so the student is attacked harder there."""
     return (eps0 * (0.5 + teacher_probs_true)).clamp(lo, hi)
 
 
-def asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa="conf", inner="rslad", eps_range=None,
-               gamma=1.9 / 255):
-    """Inner maximisation with a per-sample budget; returns (x_adv, eps_i). Student in eval mode meanwhile.
+def asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa="instance", inner="rslad", eps_range=None,
+               gamma=1.9 / 255, eps_i=None):
+    """Inner maximisation with a per-sample budget; returns (x_adv, eps_i, eps_next). Student in eval mode meanwhile.
 
-    asa:   'conf' eps_i from asa_eps; 'off' eps_i = eps; 'search' a batch-local version of instance-adaptive
-           AT (Balaji et al. 2019): attack at eps_i - gamma, eps_i, eps_i + gamma (clipped to the range) around
-           the 'conf' start and keep, per sample, the largest at which the student still predicts y (the
-           smallest if it fails at all three). 3 attacks per batch; no per-index memory or EMA across epochs.
+    asa:   'instance' attacks at the given eps_i (the batch's table rows) and returns eps_next [P]: a probe attack
+           at eps_i + gamma; up by gamma where S still predicts y there, down where it fails on x_adv (the
+           training attack, reused), else stay; clipped. 2 attacks per batch. 'conf': eps_i from asa_eps;
+           'off': eps_i = eps. eps_next is None unless 'instance'.
     inner: 'rslad' maximises KL(T(x) || S(x')), the adversarial term of the outer loss itself (one min-max
            objective; the teacher runs once per batch); 'adaad' maximises KL(T(x') || S(x')), where teacher
            and student disagree most, at the cost of a teacher forward+backward in every step.
@@ -89,8 +89,10 @@ def asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa="conf", 
     t_probs = F.softmax(t_logits.float(), 1)
     if asa == "off":
         eps_i = torch.full((len(x),), float(eps), device=x.device)
-    else:
+    elif asa == "conf":
         eps_i = asa_eps(t_probs.gather(1, y[:, None]).squeeze(1), eps, lo, hi)
+    elif eps_i is None:
+        raise ValueError("asa='instance' needs eps_i, this batch's entries of the strength table")
 
     def attack(e):
         if inner == "rslad":
@@ -101,21 +103,35 @@ def asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa="conf", 
 
     was_training = student.training
     student.eval()  # frozen BN statistics while attacking (RSLAD/AdaAD code)
-    if asa != "search":
-        x_adv = attack(eps_i)
-    else:
-        x_adv, chosen = None, None
-        for e in [(eps_i + d * gamma).clamp(lo, hi) for d in (-1, 0, 1)]:  # ascending: later wins ties
-            xa = attack(e)
-            if x_adv is None:
-                x_adv, chosen = xa, e
-                continue
-            with torch.no_grad():
-                ok = student(xa).argmax(1) == y
-            x_adv, chosen = torch.where(ok[:, None, None, None], xa, x_adv), torch.where(ok, e, chosen)
-        eps_i = chosen
+    x_adv, eps_next = attack(eps_i), None
+    if asa == "instance":
+        x_up = attack((eps_i + gamma).clamp(lo, hi))
+        with torch.no_grad():
+            up, fails = student(x_up).argmax(1) == y, student(x_adv).argmax(1) != y
+        eps_next = (eps_i + gamma * (up.float() - (fails & ~up).float())).clamp(lo, hi)
     student.train(was_training)
-    return x_adv, eps_i
+    return x_adv, eps_i, eps_next
+
+
+class StrengthTable(nn.Module):
+    """eps_i of every training sample, kept across epochs; a buffer, so it travels in last.pt (--resume). Under
+    torchrun each rank moves only its shard's rows; sync() adds up all ranks' moves (disjoint shards)."""
+
+    def __init__(self, n, eps0):
+        super().__init__()
+        self.register_buffer("eps", torch.full((n,), float(eps0)))
+
+    @torch.no_grad()
+    def sync(self, start):
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            moved = self.eps - start
+            dist.all_reduce(moved)
+            self.eps.copy_(start + moved)
+
+    def stats(self):
+        """mean, 10th and 90th percentile of eps_i, in units of 1/255 (for the epoch log line)."""
+        q = torch.quantile(self.eps.float(), torch.tensor([0.1, 0.9], device=self.eps.device)) * 255
+        return {"eps_i_mean_255": self.eps.mean().item() * 255, "eps_i_p10_255": q[0].item(), "eps_i_p90_255": q[1].item()}
 
 
 ##############################################################################################
@@ -169,15 +185,21 @@ class ProjectionHeads(nn.Module):
         return F.normalize(self.student(zs), dim=1), F.normalize(self.teacher(zt), dim=1)
 
 
-def infoard_loss(student, teacher, heads, x, y, eps=8 / 255, alpha=2 / 255, steps=10, asa="conf", inner="rslad",
-                 eps_range=None, gamma=1.9 / 255, w_kl=1.0, w_nce=1.0, w_at=1000.0, tau=0.07, at_stages=(0, 1, 2)):
+def infoard_loss(student, teacher, heads, x, y, eps=8 / 255, alpha=2 / 255, steps=10, asa="instance", inner="rslad",
+                 eps_range=None, gamma=1.9 / 255, w_kl=1.0, w_nce=1.0, w_at=1000.0, tau=0.07, at_stages=(0, 1, 2),
+                 table=None, idx=None):
     """ASA attack + MIM loss for one batch; returns (loss, student logits on x'). The caller keeps the teacher
     in eval mode; it gets no gradient from here. The student ends in the mode it came in; heads may be None
-    if w_nce = 0."""
+    if w_nce = 0. asa='instance' needs `table` (a tensor of eps_i per training sample, updated in place at
+    rows `idx`, the batch's sample indices)."""
     assert not teacher.training, "teacher must be in eval mode (train mode updates its BN statistics)"
     with torch.no_grad():
         t_logits, t_feats = teacher(x, return_features=True)
-    x_adv, _ = asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa, inner, eps_range, gamma)
+    eps_i = table[idx] if asa == "instance" else None
+    x_adv, _, eps_next = asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa, inner, eps_range, gamma,
+                                    eps_i)
+    if eps_next is not None:
+        table[idx] = eps_next
     s_adv, s_feats = student(x_adv, return_features=True)
     loss = w_kl * rslad_kl(t_logits, s_adv, student(x))
     if w_nce:  # feature level: adversarial student <-> clean teacher, other images of the batch as negatives
@@ -201,14 +223,18 @@ def get_args(argv=None):
     p.add_argument("--teacher", default=None, help="robust teacher checkpoint; without it a PGD-AT teacher is trained first")
     p.add_argument("--teacher-arch", default="wrn-34-10", help="arch of the teacher trained when --teacher is absent")
     p.add_argument("--teacher-epochs", type=int, default=None, help="epochs of that teacher (None: --epochs)")
-    p.add_argument("--asa", default="conf", choices=["conf", "search", "off"], help="attack-strength adaptation (ours)")
+    p.add_argument("--asa", default="instance", choices=["instance", "conf", "off"],
+                   help="attack-strength adaptation: per-sample table moved by the student (instance), teacher "
+                        "confidence (conf), fixed eps (off) (all ours)")
     p.add_argument("--asa-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="clip of eps_i (None: 0.5 eps, 1.5 eps, i.e. 4/255, 12/255) (ours)")
-    p.add_argument("--asa-gamma", type=float, default=1.9 / 255, help="--asa search step (1.9/255, IAAT's value)")
+    p.add_argument("--asa-gamma", type=float, default=1.9 / 255, help="--asa instance step (1.9/255, IAAT's value)")
+    p.add_argument("--asa-warmup", type=int, default=10, help="--asa instance: first epochs at eps0, table frozen (ours)")
     p.add_argument("--inner", default="rslad", choices=["rslad", "adaad"],
                    help="attack objective: KL(T(x)||S(x')) or KL(T(x')||S(x')) (ours: rslad)")
     p.add_argument("--mim", default="all", choices=list(MIM), help="which MIM terms are on (logit = RSLAD's loss)")
-    p.add_argument("--w-kl", type=float, default=1.0, help="weight of the RSLAD-form KL (ours; 0.1 = RSLAD's exact scale)")
+    p.add_argument("--w-kl", type=float, default=None, help="weight of the batchmean RSLAD-form KL (None: 0.1 = RSLAD's "
+                   "B*C-mean scale in RSLAD mode, --asa off --mim logit --inner rslad; else 1, ours)")
     p.add_argument("--w-nce", type=float, default=1.0, help="weight of the feature InfoNCE (ours)")
     p.add_argument("--w-at", type=float, default=1000.0, help="weight of Attention Transfer (ours, RepDistiller's)")
     p.add_argument("--nce-tau", type=float, default=0.07, help="InfoNCE temperature (ours, CRD's)")
@@ -217,10 +243,12 @@ def get_args(argv=None):
                    help="indices of the stage maps paired by Attention Transfer, same for both models (ours)")
     args = p.parse_args(argv)
     args.teacher_epochs = args.epochs if args.teacher_epochs is None else args.teacher_epochs
+    rslad_mode = (args.asa, args.mim, args.inner) == ("off", "logit", "rslad")
+    args.w_kl = (0.1 if rslad_mode else 1.0) if args.w_kl is None else args.w_kl
     use_nce, use_at = MIM[args.mim]
     args.w_nce, args.w_at = args.w_nce * use_nce, args.w_at * use_at
-    if args.nce_tau <= 0 or args.nce_dim < 1 or args.asa_gamma < 0:
-        raise common.UserError("--nce-tau and --nce-dim must be positive and --asa-gamma >= 0")
+    if args.nce_tau <= 0 or args.nce_dim < 1 or args.asa_gamma < 0 or args.asa_warmup < 0:
+        raise common.UserError("--nce-tau and --nce-dim must be positive, --asa-gamma and --asa-warmup >= 0")
     if args.asa_range is not None and not 0 <= args.asa_range[0] <= args.asa_range[1]:
         raise common.UserError(f"--asa-range needs 0 <= LO <= HI, got {args.asa_range}")
     return args
@@ -253,12 +281,24 @@ def train_teacher(run):
     return trainer.finish()
 
 
+def method_name(args):
+    """'rslad' only for RSLAD's attack, loss and loss scale; RSLAD mode at another KL weight is named for what it is."""
+    if (args.asa, args.mim, args.inner) != ("off", "logit", "rslad"):
+        return "infoard"
+    return "rslad" if args.w_kl == 0.1 else f"rslad-like-wkl{args.w_kl:g}"
+
+
 def main(argv=None):
     args = get_args(argv)
-    method = "rslad" if (args.asa, args.mim, args.inner) == ("off", "logit", "rslad") else "infoard"
+    method = method_name(args)
     run = common.Run(args, method)
+    if args.asa == "instance" and not isinstance(run.train_loader, common.TensorLoader):
+        raise common.UserError("--asa instance needs a dataset held in memory (not a streamed folder); use --asa conf")
     # frozen, eval mode, temperature 1 (RSLAD/AdaAD distil from raw logits), same dataset checked
     teacher = common.load_teacher(args.teacher or train_teacher(run), run)
+    table = StrengthTable(len(run.train_loader.y), args.eps).to(run.device) if args.asa == "instance" else None
+    eps_table = table.eps if table is not None else None  # the same tensor (--resume loads into it in place)
+    run.train_loader.with_index = table is not None  # then batches come as (x, y, sample indices)
     student = run.model()
     (n_s, d_s) = common.feature_shape(student, run.info, run.device)
     (n_t, d_t) = common.feature_shape(teacher, run.info, run.device)
@@ -267,17 +307,20 @@ def main(argv=None):
     heads = ProjectionHeads(d_s, d_t, args.nce_dim).to(run.device) if args.w_nce else None
     train_model = run.prepare(student)
     opt, sched = run.optimizer(list(student.parameters()) + (list(heads.parameters()) if heads else []))
-    trainer = common.Trainer(run, student, opt, sched, method, temperature=1.0,
-                             extra_state={"heads": heads} if heads else None)
-    cfg = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, asa=args.asa, inner=args.inner,
-               eps_range=args.asa_range, gamma=args.asa_gamma, w_kl=args.w_kl, w_nce=args.w_nce,
-               w_at=args.w_at, tau=args.nce_tau, at_stages=args.at_stages)
+    extra = {k: v for k, v in (("heads", heads), ("eps_table", table)) if v is not None}
+    trainer = common.Trainer(run, student, opt, sched, method, temperature=1.0, extra_state=extra)
+    cfg = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, inner=args.inner, eps_range=args.asa_range,
+               gamma=args.asa_gamma, w_kl=args.w_kl, w_nce=args.w_nce, w_at=args.w_at, tau=args.nce_tau,
+               at_stages=args.at_stages)
     for epoch in trainer.epochs_to_run():
         run.train_loader.set_epoch(epoch)
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
-        for x, y in run.train_loader:
+        asa = "off" if table is not None and epoch < args.asa_warmup else args.asa  # warm-up at eps0
+        start = table.eps.clone() if table is not None else None
+        for batch in run.train_loader:
+            x, y, idx = batch if table is not None else (*batch, None)
             with run.autocast():
-                loss, logits = infoard_loss(train_model, teacher, heads, x, y, **cfg)
+                loss, logits = infoard_loss(train_model, teacher, heads, x, y, asa=asa, table=eps_table, idx=idx, **cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if heads is not None:
@@ -287,7 +330,9 @@ def main(argv=None):
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-        trainer.end_epoch(epoch, loss_sum, correct, seen, t0)
+        if table is not None:
+            table.sync(start)  # every rank (and last.pt) holds the whole table
+        trainer.end_epoch(epoch, loss_sum, correct, seen, t0, extra=table.stats() if table is not None else None)
     return trainer.finish()
 
 

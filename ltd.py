@@ -9,15 +9,18 @@ The idea. One-hot labels are wrong for ambiguous images. A teacher gives soft la
 temperature-scaled softmax at a "relatively low" temperature tau_t, and they replace the one-hot labels.
 The student's logits are divided by its own fixed temperature tau_s, and this is kept at test
 time as well. Defensive distillation trains at T and deploys at T = 1; that mismatch inflates the
-logits and masks gradients. LTD has no such mismatch. tau_t and tau_s must differ (the abstract:
-"different, but fixed"); we do not force tau_t < tau_s, as "relatively low" may be relative to the
-usual KD temperatures rather than to tau_s (notes section 6), so sweeps either way are allowed.
+logits and masks gradients. LTD has no such mismatch. tau_t == tau_s is allowed (see the fidelity note);
+we do not force tau_t < tau_s, as "relatively low" may be relative to the usual KD temperatures rather
+than to tau_s (notes section 6), so sweeps either way are allowed.
 
 The loss, an [I] reconstruction (notes section 6); z(.) = f_S(.) / tau_s everywhere, beta = 6:
     p_t   = softmax(f_T(x) / tau_t)                       teacher frozen, eval mode, no grad
     x_adv = argmax_{|x'-x|_inf <= eps} KL(softmax(z(x)) || softmax(z(x')))   (TRADES inner max, eval mode)
     L     = -sum_k p_t[k] log softmax(z(x))[k]  +  beta * KL(softmax(z(x)) || softmax(z(x_adv)))
-With --no-distill the natural term is CE(f(x), y) and tau_s = 1: plain TRADES(-AWP), the baseline.
+With --no-distill the natural term is CE(f(x), y) and tau_s = 1: TRADES-AWP, the baseline; with also
+--no-awp it is the TRADES loss with the TRADES-AWP schedule (200 epochs, wd 5e-4, decays at 100/150), not
+TRADES's own (76 epochs, wd 2e-4, attack step 0.007, decays at 75/90/100): the log says so and the
+checkpoint's args carry `recipe`. That checkpoint is also a TRADES teacher for infoard.py (RSLAD's kind).
 AWP: before each update the weights w (tensors with dim > 1) move to w + v, where
 v = gamma * |w| * g / |g| layer-wise and g = dL/dw. The update is w <- w - lr * grad L(w + v).
 
@@ -33,8 +36,11 @@ MEASURED NUMBERS FOR THIS SCRIPT: none yet; none were measured on real data.
 Fidelity ([C] primary source, [I] ours, [U] unknown; § = our research notes; the paper body was not
 available, only its abstracts):
   confirmed [C]: soft labels from a teacher through a temperature softmax; the teacher temperature is
-    "relatively low"; tau_t and tau_s are fixed and different; tau_s is kept at inference (checkpoint
-    `temperature` = tau_s). The CIFAR-10 AutoAttack logs name the TRADES-AWP code (section 2); a
+    "relatively low"; tau_t and tau_s are fixed; tau_s is kept at inference (checkpoint `temperature` =
+    tau_s). Versions differ on "different": v1-v3 (2021-2023) and the TMLR submission say the two are
+    "different, but fixed"; v4 (Nov 2025) drops "different" (a relatively low teacher temperature, a
+    student temperature fixed in training and inference). We follow v4: tau_t == tau_s trains, with a
+    one-line note in the log (until this pass it was an error). The CIFAR-10 AutoAttack logs name the TRADES-AWP code (section 2); a
     "model-best" file was released.
   reconstructed [I], each open choice a flag:
     * the base recipe is the TRADES-AWP code's (section 5: [C] for that code, [I] that LTD kept it):
@@ -54,7 +60,10 @@ available, only its abstracts):
   ours, implementation: the weights are restored before opt.step(), an exact copy. The AWP code
     subtracts v after the step, so the only difference is that weight decay sees w, not w + v. The
     proxy's SGD step size is not used: it cancels in the layer-wise normalisation. One clean forward
-    serves both the CE and the KL target (the AWP code runs two).
+    serves both the CE and the KL target (the AWP code runs two); an extra no-grad clean forward in train
+    mode then gives BatchNorm the references' updates: adv, clean, clean (TRADES-AWP) or clean, adv, clean
+    (TRADES, --no-awp), so about a third of the deployed running statistics are adversarial, as in the
+    references (until this pass: clean, adv, i.e. about half). The loss is unchanged.
 """
 import argparse
 import copy
@@ -87,10 +96,22 @@ def ltd_outer_loss(z_nat, z_adv, y, beta=6.0, soft=None, soft_on="natural"):
     return natural + beta * robust
 
 
-def ltd_loss(model, x, x_adv, y, beta=6.0, tau_s=1.0, soft=None, soft_on="natural"):
-    """Drop-in training loss: (loss, adversarial logits). The model is in train mode; x_adv comes from trades_attack."""
-    z_nat = model(x).float() / tau_s  # divide in float32, not in bf16 under autocast
-    z_adv = model(x_adv).float() / tau_s
+def ltd_loss(model, x, x_adv, y, beta=6.0, tau_s=1.0, soft=None, soft_on="natural", bn_order="trades-awp"):
+    """Drop-in training loss: (loss, adversarial logits). The model is in train mode; x_adv comes from trades_attack.
+
+    bn_order only decides which train-mode forwards update the BatchNorm running statistics (the loss is the
+    same): 'trades-awp' adv, clean, clean as the TRADES-AWP code; 'trades' clean, adv, clean as the TRADES
+    code; None: clean, adv only. The repeated clean forward runs without gradient (its outputs equal the first).
+    """
+    if bn_order == "trades-awp":
+        z_adv = model(x_adv).float() / tau_s
+        z_nat = model(x).float() / tau_s  # divide in float32, not in bf16 under autocast
+    else:
+        z_nat = model(x).float() / tau_s
+        z_adv = model(x_adv).float() / tau_s
+    if bn_order is not None:
+        with torch.no_grad():
+            model(x)  # the references' second clean forward: one more update of the running statistics
     return ltd_outer_loss(z_nat, z_adv, y, beta, soft, soft_on), z_adv
 
 
@@ -150,8 +171,8 @@ def get_args(argv=None):
     p = common.base_parser("LTD (Chen & Lee, arXiv:2111.02331) on TRADES-AWP; --no-distill: the TRADES(-AWP) "
                            "baseline", arch="wrn-34-10", epochs=200)
     p.add_argument("--tau-t", type=float, default=0.5,
-                   help="teacher temperature, 'relatively low' (value ours); must differ from --tau-s (the abstract: "
-                        "fixed and different), either may be larger, sweeps allowed; ignored with --no-distill")
+                   help="teacher temperature, 'relatively low' (value ours); may equal --tau-s (paper v4) or be "
+                        "larger or smaller, sweeps allowed; ignored with --no-distill")
     p.add_argument("--tau-s", type=float, default=2.0, help="student temperature in training, attack, AWP and "
                    "deployment (value ours); ignored with --no-distill (tau_s = 1)")
     p.add_argument("--soft-on", default="natural", choices=["natural", "adversarial", "both"],
@@ -170,8 +191,8 @@ def get_args(argv=None):
                    help="plain TRADES(-AWP): one-hot labels, tau_s = 1; --tau-t/-s, --soft-on, "
                         "--teacher-input/-arch/-epochs are then ignored")
     args = p.parse_args(argv)
-    if not args.no_distill and (args.tau_t <= 0 or args.tau_s <= 0 or args.tau_t == args.tau_s):
-        raise common.UserError(f"--tau-t and --tau-s must be > 0 and different (got {args.tau_t}, {args.tau_s})")
+    if not args.no_distill and (args.tau_t <= 0 or args.tau_s <= 0):
+        raise common.UserError(f"--tau-t and --tau-s must be > 0 (got {args.tau_t}, {args.tau_s})")
     if args.beta < 0 or args.awp_gamma < 0:
         raise common.UserError("--beta and --awp-gamma must be >= 0")
     if args.teacher_epochs is not None and args.teacher_epochs < 1:
@@ -187,6 +208,7 @@ def train_stage(run, model, method, out_dir, epochs, tau_s=1.0, teacher=None):
     train_model = run.prepare(model)
     opt, sched = run.optimizer(model.parameters(), epochs=epochs)
     proxy = copy.deepcopy(model) if a.awp and a.awp_gamma > 0 else None
+    bn_order = "trades-awp" if proxy is not None else "trades"  # the reference code's forward order
     trainer = common.Trainer(run, model, opt, sched, method, out_dir=out_dir, epochs=epochs, temperature=tau_s)
     for epoch in trainer.epochs_to_run():
         run.train_loader.set_epoch(epoch)
@@ -197,14 +219,14 @@ def train_stage(run, model, method, out_dir, epochs, tau_s=1.0, teacher=None):
                 soft = None if teacher is None else teacher_soft_labels(
                     teacher, x if a.teacher_input == "clean" else x_adv, a.tau_t)
 
-            def loss_fn(net):
+            def loss_fn(net, bn_order=None):
                 with run.autocast():
-                    return ltd_loss(net, x, x_adv, y, a.beta, tau_s, soft, a.soft_on)
+                    return ltd_loss(net, x, x_adv, y, a.beta, tau_s, soft, a.soft_on, bn_order)
 
             saved = None
             if proxy is not None and epoch + 1 >= a.awp_warmup:
                 saved = awp_perturb(model, proxy, lambda net: loss_fn(net)[0], a.awp_gamma)
-            loss, logits = loss_fn(train_model)  # at w + v when AWP is on
+            loss, logits = loss_fn(train_model, bn_order)  # at w + v when AWP is on
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if saved is not None:
@@ -221,7 +243,14 @@ def train_stage(run, model, method, out_dir, epochs, tau_s=1.0, teacher=None):
 def main(argv=None):
     args = get_args(argv)
     base = "trades-awp" if args.awp and args.awp_gamma > 0 else "trades"
+    if base == "trades":  # recorded in every checkpoint's args: this is not TRADES's own recipe
+        args.recipe = "TRADES loss with the TRADES-AWP schedule (no AWP)"
     run = common.Run(args, base if args.no_distill else "ltd")
+    if run.main and base == "trades":
+        print(f"note: {args.recipe}: {args.epochs} epochs, wd {args.weight_decay:g}, lr x{args.gamma:g} at "
+              f"{args.milestones}; TRADES's own is 76 epochs, wd 2e-4, attack step 0.007, decays at 75/90/100")
+    if run.main and not args.no_distill and args.tau_t == args.tau_s:
+        print("note: tau_t == tau_s; allowed since the paper's v4 (2025), whose abstract no longer says 'different'")
     if args.no_distill:
         return train_stage(run, run.model(), base, args.out_dir, args.epochs)
     path = args.teacher

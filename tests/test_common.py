@@ -148,6 +148,20 @@ def test_loader_batches_are_float_images_and_shards_cover_data():
     assert sorted(seen) == list(range(100))  # disjoint shards that cover the data
 
 
+def test_loader_yields_sample_indices_only_when_asked():
+    x = torch.randint(0, 256, (50, 1, 4, 4), dtype=torch.uint8)
+    y = torch.randint(10, (50,))
+    loader = common.TensorLoader(x, y, 8, "cpu", train=True)
+    loader.augment = False
+    assert all(len(b) == 2 for b in loader)  # the default: (x, y), every other training loop unchanged
+    loader.with_index = True
+    loader.set_epoch(3)
+    idx = torch.cat([j for _, _, j in loader])
+    assert len(set(idx.tolist())) == len(idx) == 48 and not torch.equal(idx, torch.arange(48))  # shuffled
+    for xb, yb, j in loader:
+        assert torch.equal(xb, x[j].float() / 255) and torch.equal(yb, y[j])  # idx points at the batch's samples
+
+
 def test_no_augment_flag_reaches_the_train_loader():
     args = common.base_parser("t").parse_args(TINY + ["--no-augment"])
     train, _, _, _ = common.get_loaders(args, "cpu")

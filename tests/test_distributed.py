@@ -6,7 +6,8 @@ One real launch, `python -m torch.distributed.run --nproc_per_node 2 -m tests.te
   (b) one optimizer step through run.prepare(model) (DDP, PGD through the wrapper) leaves identical
       parameters on both ranks, equal to a single-process step on the union of the two batches;
   (c) a method script (at_alp.py) run by both ranks on the GPU path (--amp --channels-last: bf16 autocast,
-      NHWC) writes its files once (rank 0) and evaluate.py reads the checkpoint like any other.
+      NHWC) writes its files once (rank 0) and evaluate.py reads the checkpoint like any other;
+  (d) InfoARD's per-sample eps_i table stays disjoint per rank while it moves and whole on every rank after.
 """
 import json
 import os
@@ -79,6 +80,21 @@ def worker(out):
     import at_alp
     res["best"] = at_alp.main(TINY + ["--epochs", str(EPOCHS), "--amp", "--channels-last",
                                "--out-dir", os.path.join(out, "alp")])
+
+    # (d) InfoARD's eps_i table: each rank moves only its own rows, then all ranks hold the same whole table.
+    import infoard
+    sync = infoard.StrengthTable.sync
+
+    def spy(table, start):
+        res["moved"] = table.eps != start  # this rank's moves, before the ranks exchange them
+        sync(table, start)
+        res["table"] = table.eps.clone()
+
+    infoard.StrengthTable.sync = spy
+    infoard.main(TINY + ["--epochs", "1", "--teacher", res["best"], "--mim", "logit", "--asa-warmup", "0",
+                         "--out-dir", os.path.join(out, "infoard")])
+    run.train_loader.set_epoch(0)
+    res["visited"] = run.train_loader.indices()  # this rank's shard in that run's (only) epoch: same data and seed
     torch.save(res, os.path.join(out, f"rank{run.rank}.pt"))
 
 
@@ -144,6 +160,21 @@ def test_method_under_torchrun_writes_once_and_evaluates(ranks, tmp_path):
     report = evaluate.main([r0["best"], "--preset", "quick", "--n", "64", "--device", "cpu",
                             "--json", str(tmp_path / "r.json")])
     assert report["method"] == "at_alp" and 0 <= report["robust_acc"] <= report["clean_acc"] <= 1
+
+
+def test_infoard_strength_table_sharded_then_whole(ranks):
+    out, _, (r0, r1) = ranks
+    m0, m1 = r0["moved"], r1["moved"]
+    assert m0.any() and m1.any()  # both ranks moved some eps_i
+    assert not (m0 & m1).any()  # ... never the same one
+    own = torch.zeros_like(m0)
+    own[r0["visited"]] = True
+    assert not (m0 & ~own).any() and not (m1 & own).any()  # each only within its own shard
+    assert torch.equal(r0["table"], r1["table"])  # after the epoch: one table on every rank
+    eps0 = 8 / 255
+    assert torch.equal(r0["table"] != eps0, m0 | m1)  # holding both ranks' moves
+    saved = common.load_checkpoint(os.path.join(out, "infoard", "last.pt"))["extra"]["eps_table"]["eps"]
+    assert torch.equal(saved, r0["table"])
 
 
 if __name__ == "__main__":

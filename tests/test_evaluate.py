@@ -220,3 +220,203 @@ def test_missing_official_autoattack_is_a_clear_error(checkpoint, monkeypatch):
     monkeypatch.setattr(evaluate, "official_autoattack", lambda: None)
     with pytest.raises(common.UserError, match="needs the official package installed"):
         evaluate.main([checkpoint, "--attacks", "autoattack", "--device", "cpu"])
+
+
+# ------------------------------------------------------------- precision: decisions in float32
+BF16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+class AutocastLies(nn.Module):
+    """A 5-class model on 1x2x2 images (all 0.5) whose forward under autocast adds 0.1 to class 1's logit: a
+    stand-in for a bf16 rounding error on near-tied logits. In float32 class 1 can never win inside eps 0.1
+    (z1 <= 0.94 < z0 = 1), under autocast it can (1.04). Class 2 (ranked last) wins in float32 only in a small
+    corner of the eps ball (pixels 2 and 3 both near +eps), which a random start almost never hits but its
+    own targeted attack finds. Classes 3 and 4 are constants that keep z2 out of the other targets' DLR."""
+
+    def forward(self, x):
+        p = x.flatten(1)
+        z1 = 0.9 + 0.2 * (p[:, 0] + p[:, 1] - 1)
+        s = p[:, 2] + p[:, 3]
+        z2 = 0.85 + 0.05 * (s - 1) + 10 * F.relu(s - 1.18)
+        c = torch.full_like(z1, 0.89)
+        z = torch.stack([torch.ones_like(z1), z1, z2, c, c], 1)
+        if torch.is_autocast_enabled(x.device.type):
+            z = z + torch.tensor([0.0, 0.1, 0.0, 0.0, 0.0])
+        return z
+
+
+def test_apgd_t_decides_target_hits_with_the_float32_verdict():
+    torch.manual_seed(0)
+    model, eps = AutocastLies(), 0.1
+    x, y = torch.full((4, 1, 2, 2), 0.5), torch.zeros(4, dtype=torch.long)
+    # The trap: APGD towards target 1 gives points that the autocast forward calls broken and float32 does not.
+    # The old code decided "hit" on that autocast forward, stopped trying targets, and the float32 verdict
+    # then counted the image robust.
+    order = evaluate.predict_logits(model, x).scatter(1, y[:, None], float("inf")).argsort(1, descending=True)
+    assert (order[:, 1] == 1).all() and (order[:, 4] == 2).all()
+    with BF16():
+        adv1 = evaluate.apgd(model, x, y, eps, 20, "dlr-t", target=order[:, 1])
+        assert (model(adv1).argmax(1) != y).all()  # "broken" in the autocast forward ...
+    assert (evaluate.predict(model, adv1) == y).all()  # ... but not in float32
+    # Now: the float32 verdict says target 1 failed, so targets 3, 4 and then 2 are tried; 2 breaks them for real.
+    attack = lambda name, xa, ya: evaluate.run_attack(name, model, xa, ya, eps, eps / 4, apgd_iters=20)
+    seconds = {"clean": 0.0, "apgd-t": 0.0}
+    masks, x_show = evaluate.cascade(model, x, y, ["apgd-t"], attack, eps, BF16, seconds)
+    assert masks["clean"].all() and not masks["apgd-t"].any()
+    assert (evaluate.predict(model, x_show) == 2).all()
+
+
+def test_apgd_under_autocast_never_keeps_a_point_float32_calls_robust():
+    torch.manual_seed(0)
+    model, x, y = AutocastLies(), torch.full((4, 1, 2, 2), 0.5), torch.zeros(4, dtype=torch.long)
+    with BF16():  # eps 0.05: class 2 cannot win, class 1 "wins" only through the autocast lie
+        adv = evaluate.apgd(model, x, y, 0.05, 20, "ce")
+    assert (evaluate.predict(model, adv) == y).all()
+    sq = evaluate.square_attack(model, x, y, 0.05, 100)  # Square's margins are float32 as well
+    with BF16():
+        assert (evaluate.predict(model, sq) == y).all()
+
+
+def test_every_attack_under_bf16_autocast_breaks_only_what_the_verdict_confirms(small_net_and_data):
+    net, x, y = small_net_and_data
+    x, y = x[:12], y[:12]
+    names = ["fgsm", "pgd20", "cw", "apgd-ce", "apgd-t", "square"]
+    attack = lambda name, xa, ya: evaluate.run_attack(name, net, xa, ya, 4 / 255, 1 / 255, apgd_iters=5,
+                                                      square_queries=30)
+    seconds = {k: 0.0 for k in ["clean"] + names}
+    torch.manual_seed(0)
+    masks, x_show = evaluate.cascade(net, x, y, names, attack, 4 / 255, BF16, seconds)
+    verdict_ok = evaluate.predict(net, x_show) == y
+    assert torch.equal(verdict_ok, masks[names[-1]])  # broken <=> misclassified in float32, image by image
+    assert masks["clean"].sum() > masks[names[-1]].sum()  # and the attacks did break something
+
+
+class Recorder(nn.Module):
+    """Linear 2-class model that records every input it sees with gradients on (APGD's iterates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        z = torch.stack([torch.full_like(x[:, 0, 0, 0], 0.1), 5 * (x - 0.5).flatten(1).sum(1)], 1)
+        if x.requires_grad:
+            self.seen.append((x.detach().clone(), z.detach().argmax(1)))
+        return z
+
+
+def test_apgd_returns_the_last_misclassified_iterate():
+    torch.manual_seed(3)
+    model, x, y = Recorder(), torch.full((6, 1, 2, 2), 0.5), torch.zeros(6, dtype=torch.long)
+    adv = evaluate.apgd(model, x, y, 0.1, 30, "ce")
+    assert len(model.seen) == 31  # the start and 30 iterations
+    moved = 0
+    for i in range(len(x)):
+        wrong = [z[i] for z, pred in model.seen if pred[i] != y[i]]
+        assert len(wrong) > 1
+        assert torch.equal(adv[i], wrong[-1])
+        moved += not torch.equal(wrong[0], wrong[-1])
+    assert moved > 0  # the first misclassified iterate (the old answer) is a different point
+
+
+def test_square_schedule_is_autoattacks_for_5000_queries_on_32px():
+    # AutoAttack, resc_schedule=False: p = 0.8 halves after queries 10, 50, 200, 500, 1k, 2k, 4k (6k, 8k not reached
+    # in 5,000), side = round(sqrt(p * 32 * 32)).
+    table = {0: 29, 10: 29, 11: 20, 50: 20, 51: 14, 200: 14, 201: 10, 500: 10, 501: 7, 1000: 7, 1001: 5,
+             2000: 5, 2001: 4, 4000: 4, 4001: 3, 4999: 3}
+    assert {i: evaluate.square_size(i, 32, 32) for i in table} == table
+
+
+def test_square_counts_queries_as_autoattack_does():
+    calls = []
+
+    def model(z):  # never fooled: Square runs its whole budget
+        calls.append(len(z))
+        return torch.tensor([[5.0, 0.0]]).expand(len(z), 2)
+    evaluate.square_attack(model, torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), 0.1, n_queries=40)
+    assert len(calls) == 41 and sum(calls) == 2 * 41  # one initial query + 40 iterations, per image
+
+
+def test_evaluation_runs_with_tf32_off_and_restores_it(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(evaluate, "evaluate", lambda args: seen.update(
+        cudnn=torch.backends.cudnn.allow_tf32, matmul=torch.backends.cuda.matmul.allow_tf32))
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        evaluate.main(["x.pt"])
+        assert seen == {"cudnn": False, "matmul": False}
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+# ----------------------------------------------------------------- what was run, and progress
+def test_report_names_protocol_and_precision(checkpoint, tmp_path):
+    common_args = [checkpoint, "--preset", "standard", "--n", "16", "--apgd-iters", "3", "--device", "cpu", "--quiet"]
+    fp32 = evaluate.main(common_args + ["--json", str(tmp_path / "a.json")])
+    assert fp32["protocol"] == "AA-lite: apgd-ce, apgd-t (9 targets; no FAB-T, no Square)"
+    assert fp32["precision"] == "float32" and fp32["skipped"] == {}
+    assert fp32["attack_settings"]["apgd_t_targets"] == 9
+    bf16 = evaluate.main(common_args + ["--amp", "--json", str(tmp_path / "b.json")])
+    assert bf16["precision"].startswith("bf16") and "decision in float32" in bf16["precision"]
+    assert json.loads((tmp_path / "b.json").read_text())["protocol"] == fp32["protocol"]
+
+
+def test_few_classes_skip_apgd_t_and_diagnostics_sample_across_classes(tmp_path, monkeypatch, capsys):
+    import argparse
+    import types
+    import numpy as np
+    from PIL import Image
+    tree = tmp_path / "tree"
+    for split in ("train", "test"):
+        for ci, c in enumerate("abc"):  # stored class by class, as folder trees are
+            os.makedirs(tree / split / c)
+            for i in range(6):
+                Image.fromarray(np.full((8, 8, 3), 60 * ci + 7 * i, np.uint8)).save(tree / split / c / f"{i}.png")
+    torch.manual_seed(0)
+    model = common.build_model("wrn-10-1", 3, 3, 8)
+    path = str(tmp_path / "m.pt")
+    torch.save(common.make_checkpoint(model, argparse.Namespace(arch="wrn-10-1", dataset="folder", data_dir=str(tree)),
+                                      types.SimpleNamespace(num_classes=3, channels=3, size=8), "test", 0, {}), path)
+    seen = []
+    real = evaluate.diagnose
+    monkeypatch.setattr(evaluate, "diagnose", lambda m, x, y, *a, **k: seen.append(y.tolist()) or real(m, x, y, *a, **k))
+    report = evaluate.main([path, "--preset", "standard", "--apgd-iters", "3", "--diagnose", "--diagnose-n", "6",
+                            "--device", "cpu", "--quiet", "--json", str(tmp_path / "r.json")])
+    assert [a["name"] for a in report["attacks"]] == ["apgd-ce"]
+    assert "apgd-t" in report["skipped"] and "4+ classes" in report["skipped"]["apgd-t"]
+    assert report["protocol"].startswith("custom: apgd-ce") and "apgd-t skipped" in report["protocol"]
+    assert report["attack_settings"]["apgd_t_targets"] == 2
+    assert len(seen[0]) == 6 and len(set(seen[0])) > 1  # not the first 6 images, which are all class "a"
+    assert "apgd-t skipped" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_cascade_hints_and_square_warning():
+    names = ["apgd-ce", "apgd-t", "square"]
+    out = evaluate.cascade_warnings(names, {"apgd-ce": 0.50, "apgd-t": 0.45, "square": 0.447})
+    assert len(out) == 2 and out[0].startswith("hint: APGD-T") and out[1].startswith("warning: the black-box Square")
+    assert evaluate.cascade_warnings(names, {"apgd-ce": 0.50, "apgd-t": 0.49, "square": 0.489}) == []
+
+
+def test_progress_line_on_a_non_tty_run_and_quiet_silences_it(checkpoint, tmp_path, monkeypatch, capsys):
+    import time as _time
+    monkeypatch.setattr(common, "PROGRESS_EVERY", 0.02)
+    slow = evaluate.run_attack
+    monkeypatch.setattr(evaluate, "run_attack", lambda *a, **k: _time.sleep(0.1) or slow(*a, **k))
+    args = [checkpoint, "--attacks", "fgsm", "--n", "48", "--batch-size", "16", "--device", "cpu",
+            "--json", str(tmp_path / "p.json")]
+    evaluate.main(args)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("evaluating:")]
+    assert lines and all("/48 images" in l and "images/s" in l and "eta" in l for l in lines)
+    assert any("[batch" in l and "fgsm" in l for l in lines)
+    evaluate.main(args + ["--quiet"])
+    assert "evaluating:" not in capsys.readouterr().out
+
+
+def test_training_shows_progress_inside_an_epoch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "PROGRESS_EVERY", 0.01)
+    pgd_at(TINY + ["--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "  epoch 1: " in out and "images/s" in out
+    assert "[pgd-at] epoch 1/1" in out  # the per-epoch line stays as it was

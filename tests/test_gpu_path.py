@@ -134,25 +134,25 @@ def _bf16_logits(seed, scale=3.0, shape=(16, 10)):
 
 
 class Fixed(nn.Module):
-    """A stand-in model that returns fixed logits in turn (the bf16 output of a network under autocast)."""
+    """A stand-in model with fixed bf16 logits (a network's output under autocast): `out`, or with `by_input`
+    pairs (input, logits) the logits of whichever input it is given."""
 
-    def __init__(self, *outputs):
+    def __init__(self, out=None, by_input=()):
         super().__init__()
-        self.outputs, self.calls = outputs, 0
+        self.out, self.by_input = out, by_input
 
     def forward(self, x):
-        self.calls += 1
-        return self.outputs[(self.calls - 1) % len(self.outputs)]
+        return next((z for inp, z in self.by_input if inp is x), self.out)
 
 
 def test_ltd_temperatures_and_kl_are_float32_under_autocast():
     z_nat, z_adv, soft_logits = _bf16_logits(0), _bf16_logits(1), _bf16_logits(2)
-    y, x = torch.randint(10, (16,)), torch.zeros(16, 3, 4, 4)
+    y, x, x_adv = torch.randint(10, (16,)), torch.zeros(16, 3, 4, 4), torch.ones(16, 3, 4, 4)
     tau_s, tau_t, beta = 3.0, 0.7, 6.0  # not powers of two: a bf16 division would round
     soft = F.softmax(soft_logits.double() / tau_t, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         p_t = ltd.teacher_soft_labels(Fixed(soft_logits).eval(), x, tau_t)
-        loss, z = ltd.ltd_loss(Fixed(z_nat, z_adv), x, x, y, beta, tau_s, p_t)
+        loss, z = ltd.ltd_loss(Fixed(by_input=[(x, z_nat), (x_adv, z_adv)]), x, x_adv, y, beta, tau_s, p_t)
     assert p_t.dtype == loss.dtype == z.dtype == torch.float32
     torch.testing.assert_close(p_t.double(), soft, **TIGHT)
     zn, za = z_nat.double() / tau_s, z_adv.double() / tau_s

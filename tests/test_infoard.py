@@ -1,4 +1,5 @@
 """Tests for infoard.py: ASA budgets, the MIM terms against hand computations, the frozen teacher, end to end."""
+import json
 import math
 
 import pytest
@@ -39,7 +40,7 @@ def test_each_adversarial_example_respects_its_own_eps(inner):
     t_logits = teacher(x)
     ranked = t_logits.argsort(1, descending=True)
     y = ranked[torch.arange(12), torch.arange(12) % 10]  # labels from the teacher's most to least likely class
-    x_adv, eps_i = infoard.asa_attack(student, teacher, x, y, t_logits, EPS, 2 / 255, 10, "conf", inner)
+    x_adv, eps_i, _ = infoard.asa_attack(student, teacher, x, y, t_logits, EPS, 2 / 255, 10, "conf", inner)
     expected = infoard.asa_eps(F.softmax(t_logits, 1).gather(1, y[:, None]).squeeze(1), EPS, 4 / 255, 12 / 255)
     assert torch.allclose(eps_i, expected)
     assert eps_i.max() - eps_i.min() > 2 / 255  # the test really has different budgets
@@ -52,35 +53,64 @@ def test_each_adversarial_example_respects_its_own_eps(inner):
     # 0.001 N(0,1) start (10 steps reach any boundary, so check 2); one shared step cannot fit a window of
     # width 0.005 on budgets this far apart
     assert (eps_i / 2).max() - (eps_i / 2).min() > 0.006
-    x_adv, _ = infoard.asa_attack(student, teacher, x, y, t_logits, EPS, 2 / 255, 2, "conf", inner)
+    x_adv, _, _ = infoard.asa_attack(student, teacher, x, y, t_logits, EPS, 2 / 255, 2, "conf", inner)
     excess = (x_adv - x).flatten(1).abs().amax(1) - eps_i / 2
     assert ((excess > -0.001) & (excess < 0.005)).all()
 
 
-def test_asa_off_and_search():
+class MeanThreshold(torch.nn.Module):
+    """Predicts class 0 when the mean pixel is above 0.5, else class 1 (margin = |mean - 0.5|): a perturbation
+    of eps moves the mean by at most eps, so whether it resists a budget is known in advance."""
+
+    def forward(self, x):
+        m = 100 * (x.flatten(1).mean(1) - 0.5)
+        return torch.stack([m, -m], 1)
+
+
+def test_asa_off_and_instance_rule_moves_eps_the_right_way():
     student, teacher = tiny_pair()
     teacher.temperature = 0.02
     torch.manual_seed(2)
     x = 0.2 + 0.6 * torch.rand(32, 3, 16, 16)
     with torch.no_grad():
-        y = student(x).argmax(1)  # labels the student gets right on clean inputs
+        y = student(x).argmax(1)
     t_logits = teacher(x)
     student.train()
-    x_adv, eps_i = infoard.asa_attack(student, teacher, x, y, t_logits, EPS, 2 / 255, 3, "off")
-    assert torch.allclose(eps_i, torch.full_like(eps_i, EPS))
+    x_adv, eps_i, nxt = infoard.asa_attack(student, teacher, x, y, t_logits, EPS, 2 / 255, 3, "off")
+    assert torch.allclose(eps_i, torch.full_like(eps_i, EPS)) and nxt is None
     assert ((x_adv - x).abs().amax((1, 2, 3)) <= EPS + 1e-6).all()
     assert student.training  # mode restored
-    gamma = 2 / 255
-    x_adv, eps_i = infoard.asa_attack(student, teacher, x, y, t_logits, EPS, 2 / 255, 3, "search", gamma=gamma)
-    start = infoard.asa_eps(F.softmax(t_logits, 1).gather(1, y[:, None]).squeeze(1), EPS, 4 / 255, 12 / 255)
-    cands = torch.stack([(start + d * gamma).clamp(4 / 255, 12 / 255) for d in (-1, 0, 1)], 1)
-    assert ((eps_i[:, None] - cands).abs().amin(1) < 1e-7).all()  # one of the three candidates
+    # the student-driven rule on a model whose robustness per sample is known
+    g, lo, hi = 2 / 255, 4 / 255, 12 / 255
+    x = torch.tensor([0.8, 0.8, 0.5 + 9 / 255, 0.8, 0.8, 0.5 + 11 / 255]).view(6, 1, 1, 1).expand(6, 3, 4, 4).clone()
+    y = torch.tensor([0, 1, 0, 0, 1, 0])
+    eps_i = torch.tensor([EPS, EPS, EPS, hi, lo, EPS])
+    # 0 resists everywhere: up; 1 fails everywhere: down; 2 resists 8/255 but not 10/255: stays;
+    # 3 resists at the top: stays at hi; 4 fails at the bottom: stays at lo; 5 resists 10/255 (margin 11/255): up
+    t_logits = 10 * F.one_hot(y, 2).float()  # the teacher agrees with y, so the KL attack pushes towards the wrong side
+    x_adv, used, nxt = infoard.asa_attack(MeanThreshold(), None, x, y, t_logits, EPS, 2 / 255, 10, "instance",
+                                          gamma=g, eps_i=eps_i)
+    assert torch.equal(used, eps_i)
     assert ((x_adv - x).abs().amax((1, 2, 3)) <= eps_i + 1e-6).all()
-    student.eval()
-    above_smallest = eps_i > cands[:, 0] + 1e-7
-    assert above_smallest.any()  # non-vacuous: some samples were promoted
-    with torch.no_grad():  # a larger budget is only kept where the student survives it
-        assert (student(x_adv).argmax(1) == y)[above_smallest].all()
+    want = torch.tensor([EPS + g, EPS - g, EPS, hi, lo, EPS + g])
+    torch.testing.assert_close(nxt, want)
+    with pytest.raises(ValueError, match="eps_i"):
+        infoard.asa_attack(MeanThreshold(), None, x, y, t_logits, EPS, 2 / 255, 1, "instance")
+    # through the drop-in loss: the table rows of the batch move, nothing else
+    table = torch.full((10,), EPS)
+    idx = torch.tensor([7, 2, 5, 0, 9, 4])
+    table[0], table[9] = hi, lo
+    student, teacher = tiny_pair()
+    torch.manual_seed(3)
+    xb, yb = torch.rand(6, 3, 16, 16), torch.randint(10, (6,))
+    infoard.infoard_loss(student.train(), teacher, None, xb, yb, steps=2, asa="instance", w_nce=0, w_at=0,
+                         table=table, idx=idx)
+    others = torch.ones(10, dtype=torch.bool)
+    others[idx] = False
+    assert (table[others] == EPS).all()
+    moved = (table[idx] - torch.tensor([EPS, EPS, EPS, hi, lo, EPS])).abs()
+    assert ((moved < 1e-7) | ((moved - 1.9 / 255).abs() < 1e-6)).all() and moved.max() > 0
+    assert table.min() >= lo - 1e-7 and table.max() <= hi + 1e-7
 
 
 def test_info_nce_chance_and_aligned():
@@ -119,6 +149,27 @@ def test_rslad_kl_matches_hand_computation():
     assert infoard.rslad_kl(t, t, t).abs().item() < 1e-6
 
 
+@pytest.mark.parametrize("classes", [10, 100])
+def test_rslad_mode_loss_is_rslad_b_c_mean(classes):
+    """RSLAD's code: element-wise KL averaged over B*C (x10 on CIFAR-100). RSLAD mode (w_kl 0.1 on the batchmean
+    KL) must give that number on fixed logits."""
+    torch.manual_seed(10)
+    t, sa, sc = torch.randn(4, classes), 3 * torch.randn(4, classes), torch.randn(4, classes)
+
+    def bc_mean(p_logits, q_logits):  # mean over all B*C elements of p (log p - log q), written out
+        terms = []
+        for pr, qr in zip(p_logits.tolist(), q_logits.tolist()):
+            zp, zq = sum(math.exp(v) for v in pr), sum(math.exp(v) for v in qr)
+            terms += [math.exp(a) / zp * (a - math.log(zp) - b + math.log(zq)) for a, b in zip(pr, qr)]
+        return sum(terms) / len(terms)
+
+    scale = 10 if classes == 100 else 1  # RSLAD's CIFAR-100 scripts multiply each KL by 10
+    hand = scale * (5 / 6 * bc_mean(t, sa) + 1 / 6 * bc_mean(t, sc))
+    w = infoard.get_args(["--asa", "off", "--mim", "logit"]).w_kl
+    assert math.isclose((w * infoard.rslad_kl(t, sa, sc)).item(), hand, rel_tol=1e-5)
+    assert not math.isclose(infoard.rslad_kl(t, sa, sc).item(), hand, rel_tol=0.5)  # w_kl 1 is another scale
+
+
 def test_attention_loss_hand_and_pooling():
     torch.manual_seed(4)
     fs, ft = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 8, 8)
@@ -136,10 +187,15 @@ def test_defaults():
     a = infoard.get_args([])
     assert (a.weight_decay, a.lr, a.momentum, a.epochs, a.milestones, a.batch_size) == (2e-4, 0.1, 0.9, 200, [100, 150], 128)
     assert (a.steps, a.eps, a.alpha, a.teacher_epochs, a.teacher_arch) == (10, None, None, 200, "wrn-34-10")
-    assert (a.asa, a.inner, a.w_kl, a.w_nce, a.w_at, a.nce_tau, a.nce_dim) == ("conf", "rslad", 1.0, 1.0, 1000.0, 0.07, 128)
-    assert a.asa_range is None and a.at_stages == [0, 1, 2] and a.asa_gamma == 1.9 / 255
+    assert (a.asa, a.inner, a.w_kl, a.w_nce, a.w_at, a.nce_tau, a.nce_dim) == ("instance", "rslad", 1.0, 1.0, 1000.0, 0.07, 128)
+    assert a.asa_range is None and a.at_stages == [0, 1, 2] and a.asa_gamma == 1.9 / 255 and a.asa_warmup == 10
+    assert infoard.method_name(a) == "infoard"
     base = infoard.get_args(["--asa", "off", "--mim", "logit"])
-    assert (base.w_nce, base.w_at, base.w_kl) == (0, 0, 1.0)  # the RSLAD arm: only the KL is left
+    assert (base.w_nce, base.w_at, base.w_kl) == (0, 0, 0.1)  # the RSLAD arm: only the KL, at RSLAD's scale
+    assert infoard.method_name(base) == "rslad"
+    assert infoard.method_name(infoard.get_args(["--asa", "off", "--mim", "logit", "--w-kl", "1"])) == "rslad-like-wkl1"
+    assert infoard.method_name(infoard.get_args(["--asa", "off", "--mim", "logit", "--inner", "adaad"])) == "infoard"
+    assert infoard.get_args(["--asa", "conf", "--mim", "logit"]).w_kl == 1.0
     assert infoard.get_args(["--mim", "logit+attention"]).w_nce == 0
     info = common.load_dataset("synthetic")[1]  # eps / alpha come from the dataset (common.Run fills them)
     assert (info.eps, info.alpha) == (8 / 255, 2 / 255)
@@ -155,8 +211,9 @@ def test_teacher_frozen_student_and_heads_learn():
     torch.manual_seed(5)
     x, y = torch.rand(8, 3, 16, 16), torch.randint(10, (8,))
     opt = torch.optim.SGD(list(student.parameters()) + list(heads.parameters()), lr=0.5)
-    for inner, asa in (("adaad", "conf"), ("rslad", "search")):
-        loss, logits = infoard.infoard_loss(student, teacher, heads, x, y, steps=2, asa=asa, inner=inner)
+    for inner, asa in (("adaad", "conf"), ("rslad", "instance")):
+        loss, logits = infoard.infoard_loss(student, teacher, heads, x, y, steps=2, asa=asa, inner=inner,
+                                            table=torch.full((8,), EPS), idx=torch.arange(8))
         assert logits.shape == (8, 10) and torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
@@ -232,11 +289,41 @@ def test_end_to_end_teacher_distil_evaluate(tmp_path, monkeypatch):
     assert 0 <= report["robust_acc"] <= report["clean_acc"] <= 1
     # --resume of a finished run reloads both stages (heads included) and trains nothing
     assert infoard.main(tiny + ["--out-dir", str(out), "--resume"]) == best
-    # the RSLAD baseline (--asa off --mim logit) from the same teacher via --teacher: no heads at all
-    base = infoard.main(tiny + ["--teacher", teacher_path, "--asa", "off", "--mim", "logit",
+    assert last["extra"]["eps_table"]["eps"].shape == (256 - 32,)  # one eps_i per training image
+    # the RSLAD baseline (--asa off --mim logit) from a TRADES teacher made by ltd.py: no heads, no table
+    import ltd
+    trades = ltd.main(tiny[:-2] + ["--no-distill", "--no-awp", "--steps", "1", "--out-dir", str(tmp_path / "trades")])
+    base = infoard.main(tiny + ["--teacher", trades, "--asa", "off", "--mim", "logit",
                                 "--out-dir", str(tmp_path / "rslad")])
-    assert common.load_checkpoint(base)["method"] == "rslad"
+    ck = common.load_checkpoint(base)
+    assert ck["method"] == "rslad" and ck["args"]["w_kl"] == 0.1
     assert common.load_checkpoint(str(tmp_path / "rslad" / "last.pt"))["extra"] == {}
     # a stage index the models lack is a one-line UserError
     with pytest.raises(common.UserError, match="at-stages"):
         infoard.main(tiny + ["--teacher", teacher_path, "--at-stages", "3", "--out-dir", str(tmp_path / "bad")])
+
+
+def test_strength_table_moves_logs_and_survives_resume(tmp_path, monkeypatch):
+    small_synthetic(monkeypatch)
+    tiny = ["--dataset", "synthetic", "--device", "cpu", "--batch-size", "64", "--val-size", "32", "--steps", "2",
+            "--milestones", "1", "--arch", "wrn-10-1", "--mim", "logit", "--asa-warmup", "1"]
+    from tests.util import pgd_at
+    teacher = pgd_at(["--dataset", "synthetic", "--device", "cpu", "--batch-size", "64", "--val-size", "32",
+                      "--steps", "1", "--arch", "wrn-10-1", "--out-dir", str(tmp_path / "t")])
+    out = tmp_path / "s"
+    infoard.main(tiny + ["--teacher", teacher, "--epochs", "2", "--out-dir", str(out)])
+    table = common.load_checkpoint(str(out / "last.pt"))["extra"]["eps_table"]["eps"]
+    with open(out / "log.jsonl") as f:
+        logs = [json.loads(line) for line in f]
+    assert logs[0]["eps_i_mean_255"] == pytest.approx(8) and logs[0]["eps_i_p90_255"] == pytest.approx(8)  # warm-up
+    steps = (table - EPS) / (1.9 / 255)
+    assert (table != EPS).any() and torch.allclose(steps, steps.round(), atol=1e-3)  # moved by whole steps
+    assert steps.abs().max() <= 1 + 1e-3  # one visit per epoch after the warm-up epoch
+    assert logs[1]["eps_i_mean_255"] == pytest.approx(table.mean().item() * 255, rel=1e-5)
+    assert logs[1]["eps_i_p10_255"] <= logs[1]["eps_i_mean_255"] <= logs[1]["eps_i_p90_255"]
+    seen = []  # --resume: the third epoch starts from the saved table, not from eps0
+    loss_fn = infoard.infoard_loss
+    monkeypatch.setattr(infoard, "infoard_loss", lambda *a, table=None, idx=None, **k: seen.append(
+        (table[idx].clone(), idx.clone())) or loss_fn(*a, table=table, idx=idx, **k))
+    infoard.main(tiny + ["--teacher", teacher, "--epochs", "3", "--out-dir", str(out), "--resume"])
+    assert len(seen) == 3 and all(torch.equal(rows, table[idx]) for rows, idx in seen)

@@ -147,7 +147,7 @@ def test_awp_perturbs_layerwise_and_restores_exactly():
 
 
 def test_bad_flags_are_user_errors():
-    bads = (["--tau-t", "2", "--tau-s", "2"], ["--tau-t", "0"], ["--tau-s", "-1"], ["--no-distill", "--teacher", "t.pt"])
+    bads = (["--tau-t", "0"], ["--tau-s", "-1"], ["--no-distill", "--teacher", "t.pt"])
     for bad in bads:
         with pytest.raises(common.UserError):
             ltd.get_args(bad)
@@ -157,6 +157,35 @@ def test_bad_flags_are_user_errors():
     assert a.tau_t < a.tau_s
     assert ltd.get_args(["--tau-t", "4", "--tau-s", "1"]).tau_t == 4  # only "different" is required
     assert ltd.get_args(["--no-distill", "--tau-t", "2", "--tau-s", "2"]).no_distill  # taus ignored there
+    assert ltd.get_args(["--tau-t", "2", "--tau-s", "2"]).tau_t == 2  # equal: allowed since the paper's v4
+
+
+@pytest.mark.parametrize("bn_order,order", [("trades-awp", "acc"), ("trades", "cac")])
+def test_bn_running_stats_follow_the_reference_forward_order(bn_order, order):
+    """One LTD step leaves the BN running statistics the reference code leaves (TRADES-AWP: adv, clean, clean;
+    TRADES: clean, adv, clean), with the same loss and gradients as the plain clean, adv forward."""
+    model = tiny_model().train()
+    x, y = batch(16)
+    x_adv = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)  # far from x: its batch statistics differ clearly
+    ref, plain = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        for c in order:  # the reference order, by hand
+            ref(x_adv if c == "a" else x)
+    soft = F.softmax(torch.randn(16, 10), 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss, _ = ltd.ltd_loss(model, x, x_adv, y, 6.0, 2.0, soft, "natural", bn_order)
+    loss.backward()
+    opt.step()
+    plain_loss, _ = ltd.ltd_loss(plain, x, x_adv, y, 6.0, 2.0, soft, "natural", None)
+    plain_loss.backward()
+    assert torch.allclose(loss, plain_loss, atol=1e-6)  # same loss, same gradients
+    assert all(torch.allclose(p.grad, q.grad, atol=1e-6) for p, q in zip(model.parameters(), plain.parameters()))
+    bufs = lambda m: {k: v for k, v in m.state_dict().items() if "running" in k or "num_batches" in k}
+    got, want, old = bufs(model), bufs(ref), bufs(plain)
+    assert got.keys() == want.keys() and len(got) > 0
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(old[k], want[k], atol=1e-4) for k in got if "running_mean" in k)  # order matters
 
 
 def install_spies(mp, events):
@@ -174,9 +203,9 @@ def install_spies(mp, events):
         events.append(("teacher", tau_t, x, p))
         return p
 
-    def spy_loss(model, x, x_adv, y, beta=6.0, tau_s=1.0, soft=None, soft_on="natural"):
-        events.append(("loss", tau_s, soft, soft_on))
-        return loss(model, x, x_adv, y, beta, tau_s, soft, soft_on)
+    def spy_loss(model, x, x_adv, y, beta=6.0, tau_s=1.0, soft=None, soft_on="natural", bn_order="trades-awp"):
+        events.append(("loss", tau_s, soft, soft_on, bn_order))
+        return loss(model, x, x_adv, y, beta, tau_s, soft, soft_on, bn_order)
 
     mp.setattr(ltd, "trades_attack", spy_attack)
     mp.setattr(ltd, "teacher_soft_labels", spy_soft)
@@ -223,6 +252,8 @@ def test_training_loop_passes_temperatures_teacher_input_and_awp_gate(trained):
         assert all(torch.equal(t[2], a[2]) for t, a in zip(teach, attacks))
         softs = [id(t[3]) for t in teach]
         assert all(id(e[2]) in softs for e in kinds(ev, "loss"))  # the loss gets the teacher's soft labels
+    for ev in (teacher_epoch, student_1, student_2):  # the training forward follows TRADES-AWP's BN order
+        assert [e[4] for e in kinds(ev, "loss") if e[4] is not None] == ["trades-awp"] * 7
 
 
 def test_end_to_end_teacher_then_student_deploys_at_tau_s(trained, tmp_path):
@@ -245,11 +276,23 @@ def test_end_to_end_teacher_then_student_deploys_at_tau_s(trained, tmp_path):
     assert {a["name"] for a in report["attacks"]} >= {"pgd20", "cw"}
 
 
-def test_given_teacher_baseline_and_mismatched_teacher(trained, tmp_path, monkeypatch):
+def test_given_teacher_baseline_and_mismatched_teacher(trained, tmp_path, monkeypatch, capsys):
     out, _, _ = trained
     teacher = str(out / "teacher" / "best.pt")
-    base = ltd.main(TINY + ["--epochs", "1", "--no-distill", "--no-awp", "--out-dir", str(tmp_path / "b")])
-    assert common.load_checkpoint(base)["temperature"] == 1.0 and common.load_checkpoint(base)["method"] == "trades"
+    events = []
+    with monkeypatch.context() as mp:
+        install_spies(mp, events)
+        base = ltd.main(TINY + ["--epochs", "1", "--no-distill", "--no-awp", "--out-dir", str(tmp_path / "b")])
+    assert {e[4] for e in events if e[0] == "loss"} == {"trades"}  # TRADES's BN order: clean, adv, clean
+    ck = common.load_checkpoint(base)
+    assert ck["temperature"] == 1.0 and ck["method"] == "trades"
+    assert ck["args"]["recipe"] == "TRADES loss with the TRADES-AWP schedule (no AWP)"
+    assert "TRADES loss with the TRADES-AWP schedule" in capsys.readouterr().out
+    # tau_t == tau_s trains (the paper's v4 no longer asks for different temperatures), with a note
+    same = ltd.main(TINY + ["--epochs", "1", "--teacher", teacher, "--tau-t", "2", "--tau-s", "2", "--steps", "1",
+                            "--out-dir", str(tmp_path / "same")])
+    assert common.load_checkpoint(same)["temperature"] == 2.0
+    assert "tau_t == tau_s" in capsys.readouterr().out
     events = []
     with monkeypatch.context() as mp:
         install_spies(mp, events)
