@@ -3,8 +3,8 @@ evaluated alike (AA-lite = `evaluate.py --preset standard`, with `--diagnose`).
 
     python -m tests.reproduce --dataset cifar10 --data-dir data/cifar10 --arch resnet18 --epochs 30 \\
         --train-args "--milestones 15 23" --n 1000                           # a GPU; see the README
-    python -m tests.reproduce --dataset mnist --data-dir ../shared/data/mnist --train-size 10000 --epochs 2 \\
-        --n 500 --diagnose-n 200 --device cpu                                # a CPU
+    python -m tests.reproduce --dataset mnist --data-dir DIR --train-size 10000 --epochs 2 \\
+        --n 500 --diagnose-n 200 --device cpu                                # a CPU (DIR: torchvision MNIST)
     python -m tests.reproduce --dataset synthetic --arch wrn-10-1 --epochs 1 ...    # a smoke test (tests/)
 
 Families (--families, comma list; each is a baseline and a method trained by the same script):
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import evaluate
 
 STEPS = 10  # training PGD steps of every script (for the time estimate)
 # name, family, label, script, flags ({trades} / {teacher}: checkpoint paths), passes per training image
@@ -145,7 +146,6 @@ def estimate(a, runs):
     cuda = torch.device(a.device).type == "cuda"
     # x2: what a bare forward+backward leaves out (projections, optimizer, loaders, Python, a busy machine)
     train_unit, eval_unit = 2 * unit_cost(a, info, cuda), 2 * unit_cost(a, info, False)  # evaluate.py: float32
-    import evaluate
     ev = evaluate.get_args(["model.pt"] + shlex.split(a.eval_args))
     # AA-lite: APGD-CE on all, APGD-T (9 targets) on the ~half still robust; diagnostics: ~240 attack steps
     # plus min(1000, queries) Square forwards (a third of a forward+backward each)
@@ -199,7 +199,6 @@ def evaluate_run(r, a):
                 return json.load(f)
         except ValueError:
             pass  # a half-written report: evaluate again
-    import evaluate
     os.makedirs(os.path.dirname(r["eval"]), exist_ok=True)
     return evaluate.main([os.path.join(r["dir"], "best.pt"), "--preset", "standard", "--diagnose", "--n", str(a.n),
                           "--diagnose-n", str(a.diagnose_n), "--json", r["eval"], "--device", a.device]
