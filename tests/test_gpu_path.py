@@ -33,8 +33,9 @@ METHODS = {
     "defensive_distillation": (defensive_distillation, []),  # stage 1 at T=100, then the distilled model
 }
 # bf16 keeps 8 bits of mantissa: logits and activations carry ~0.4% relative error, and two steps of training
-# with sign-gradient PGD (a flipped sign moves a pixel by 2 alpha) let the two runs drift a little more.
-LOSS_RTOL, LOSS_ATOL = 0.03, 0.02
+# with sign-gradient PGD (a flipped sign moves a pixel by 2 alpha) let the two runs drift a little more. Measured
+# over seeds 0 and 1: at most 2.0% (InfoARD's 11-nat loss), under 1% for the others; half the tolerance.
+LOSS_RTOL, LOSS_ATOL = 0.04, 0.02
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +109,26 @@ def test_amp_and_channels_last_are_device_agnostic_switches(tmp_path):
     teacher = common.load_teacher(_save(ck, tmp_path), run)
     assert teacher.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # the same decision, one place
 
-    run = common.Run(parse([]), "t")  # the CPU default stays float32 NCHW
-    x, _ = next(iter(run.train_loader))
-    model = run.model()
-    assert not run.amp and not run.channels_last and x.is_contiguous()
-    with run.autocast():
-        assert model(x).dtype == torch.float32
+    run32 = common.Run(parse([]), "t")  # the CPU default stays float32 NCHW
+    x32, _ = next(iter(run32.train_loader))
+    model32 = run32.model()
+    assert not run32.amp and not run32.channels_last and x32.is_contiguous()
+    with run32.autocast():
+        z32 = model32(x32)
+    assert z32.dtype == torch.float32
+    # Same seed, same numbers: the GPU path changes layout and rounding, nothing else (a layout mix-up would not
+    # be close: it scrambles pixels and weights).
+    assert torch.equal(x, x32)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model32.parameters()))
+    model.load_state_dict(model32.state_dict())  # the same BatchNorm statistics too
+    model.eval(), model32.eval()
+    with torch.no_grad(), run.autocast():
+        z = model(x)
+    with torch.no_grad():
+        z32 = model32(x32)
+    scale = z32.abs().max().item()
+    torch.testing.assert_close(z.float(), z32, rtol=0.02, atol=0.02 * scale)  # measured: ~0.6% of scale
+    assert (z.float().argmax(1) == z32.argmax(1)).float().mean() > 0.8
     run = common.Run(parse(["--amp", "--no-channels-last"]), "t")  # and each switch alone
     assert run.amp and not run.channels_last and next(iter(run.train_loader))[0].is_contiguous()
 
