@@ -196,7 +196,8 @@ MIM = {"logit": (0, 0), "logit+feature": (1, 0), "logit+attention": (0, 1), "all
 
 
 def get_args(argv=None):
-    p = common.base_parser(__doc__.splitlines()[0], epochs=200, weight_decay=2e-4)
+    p = common.base_parser(__doc__.splitlines()[0], epochs=200, weight_decay=2e-4,
+                           per_dataset={"mnist": dict(teacher_arch="papernot-mnist")})
     p.add_argument("--teacher", default=None, help="robust teacher checkpoint; without it a PGD-AT teacher is trained first")
     p.add_argument("--teacher-arch", default="wrn-34-10", help="arch of the teacher trained when --teacher is absent")
     p.add_argument("--teacher-epochs", type=int, default=None, help="epochs of that teacher (None: --epochs)")
@@ -236,10 +237,11 @@ def train_teacher(run):
     for epoch in trainer.epochs_to_run():
         run.train_loader.set_epoch(epoch)
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
-        for x, y in run.train_loader:
+        for i, (x, y) in enumerate(run.train_loader):
+            eps, alpha = run.eps_at(epoch, i)  # --eps-warmup ramp (MNIST default), else a.eps/a.alpha
             with run.autocast():
                 model.eval()
-                x_adv = common.pgd(train_model, x, y, a.eps, a.alpha, a.steps)
+                x_adv = common.pgd(train_model, x, y, eps, alpha, a.steps)
                 model.train()
                 logits = train_model(x_adv)
                 loss = F.cross_entropy(logits.float(), y)
@@ -274,7 +276,8 @@ def main(argv=None):
     for epoch in trainer.epochs_to_run():
         run.train_loader.set_epoch(epoch)
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
-        for x, y in run.train_loader:
+        for i, (x, y) in enumerate(run.train_loader):
+            cfg["eps"], cfg["alpha"] = run.eps_at(epoch, i)  # --eps-warmup ramp (MNIST default)
             with run.autocast():
                 loss, logits = infoard_loss(train_model, teacher, heads, x, y, **cfg)
             opt.zero_grad(set_to_none=True)

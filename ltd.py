@@ -191,9 +191,10 @@ def train_stage(run, model, method, out_dir, epochs, tau_s=1.0, teacher=None):
     for epoch in trainer.epochs_to_run():
         run.train_loader.set_epoch(epoch)
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
-        for x, y in run.train_loader:
+        for i, (x, y) in enumerate(run.train_loader):
+            eps, alpha = run.eps_at(epoch, i)  # --eps-warmup ramp (MNIST default), else a.eps/a.alpha
             with run.autocast():
-                x_adv = trades_attack(train_model, x, a.eps, a.alpha, a.steps, tau_s)
+                x_adv = trades_attack(train_model, x, eps, alpha, a.steps, tau_s)
                 soft = None if teacher is None else teacher_soft_labels(
                     teacher, x if a.teacher_input == "clean" else x_adv, a.tau_t)
 
