@@ -197,7 +197,7 @@ MIM = {"logit": (0, 0), "logit+feature": (1, 0), "logit+attention": (0, 1), "all
 
 def get_args(argv=None):
     p = common.base_parser(__doc__.splitlines()[0], epochs=200, weight_decay=2e-4,
-                           per_dataset={"mnist": dict(teacher_arch="papernot-mnist")})
+                           per_dataset={"mnist": dict(teacher_arch="papernot-mnist", at_stages=[0, 1])})
     p.add_argument("--teacher", default=None, help="robust teacher checkpoint; without it a PGD-AT teacher is trained first")
     p.add_argument("--teacher-arch", default="wrn-34-10", help="arch of the teacher trained when --teacher is absent")
     p.add_argument("--teacher-epochs", type=int, default=None, help="epochs of that teacher (None: --epochs)")

@@ -148,7 +148,9 @@ def awp_restore(model, saved):
 # ----------------------------------------------------------------------------------------------
 def get_args(argv=None):
     p = common.base_parser("LTD (Chen & Lee, arXiv:2111.02331) on TRADES-AWP; --no-distill: the TRADES(-AWP) "
-                           "baseline", arch="wrn-34-10", epochs=200)
+                           "baseline", arch="wrn-34-10", epochs=200,
+                           # MNIST: TRADES's own MNIST beta; AWP from epoch 2, after the eps ramp
+                           per_dataset={"mnist": dict(beta=1.0, awp_warmup=2)})
     p.add_argument("--tau-t", type=float, default=0.5,
                    help="teacher temperature, 'relatively low' (value ours); must differ from --tau-s (the abstract: "
                         "fixed and different), either may be larger, sweeps allowed; ignored with --no-distill")

@@ -350,7 +350,7 @@ def test_models_know_their_input_shape():
 def test_per_dataset_defaults_apply_only_where_not_given():
     p = lambda: common.base_parser("t", arch="wrn-34-10", epochs=200, per_dataset={"mnist": {"epochs": 7}})
     a = p().parse_args(["--dataset", "mnist"])
-    assert (a.arch, a.epochs, a.optimizer, a.lr, a.eps_warmup) == ("papernot-mnist", 7, "adam", 1e-3, 3)
+    assert (a.arch, a.epochs, a.optimizer, a.lr, a.eps_warmup) == ("papernot-mnist", 7, "adam", 1e-3, 1)
     a = p().parse_args(["--dataset", "mnist", "--arch", "wrn-10-1", "--optimizer", "sgd", "--eps-warmup", "0"])
     assert (a.arch, a.optimizer, a.lr, a.eps_warmup) == ("wrn-10-1", "sgd", 0.1, 0)
     a = p().parse_args(["--dataset", "cifar10"])
