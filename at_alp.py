@@ -191,9 +191,10 @@ def main(argv=None):
         run.train_loader.set_epoch(epoch)
         model.train()
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
-        for x, y in run.train_loader:
+        for i, (x, y) in enumerate(run.train_loader):
+            eps, alpha = run.eps_at(epoch, i)  # --eps-warmup ramp (MNIST default), else args.eps/alpha
             with run.autocast():
-                loss, logits = at_alp_loss(train_model, x, y, args.eps, args.alpha, args.steps,
+                loss, logits = at_alp_loss(train_model, x, y, eps, alpha, args.steps,
                                            args.w_clean, args.w_adv, args.alp, args.at, args.at_stages,
                                            args.targeted_ll, args.separate_forward)
             opt.zero_grad(set_to_none=True)

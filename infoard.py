@@ -219,7 +219,8 @@ MIM = {"logit": (0, 0), "logit+feature": (1, 0), "logit+attention": (0, 1), "all
 
 
 def get_args(argv=None):
-    p = common.base_parser(__doc__.splitlines()[0], epochs=200, weight_decay=2e-4)
+    p = common.base_parser(__doc__.splitlines()[0], epochs=200, weight_decay=2e-4,
+                           per_dataset={"mnist": dict(teacher_arch="papernot-mnist", at_stages=[0, 1])})
     p.add_argument("--teacher", default=None, help="robust teacher checkpoint; without it a PGD-AT teacher is trained first")
     p.add_argument("--teacher-arch", default="wrn-34-10", help="arch of the teacher trained when --teacher is absent")
     p.add_argument("--teacher-epochs", type=int, default=None, help="epochs of that teacher (None: --epochs)")
@@ -265,10 +266,11 @@ def train_teacher(run):
     for epoch in trainer.epochs_to_run():
         run.train_loader.set_epoch(epoch)
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
-        for x, y in run.train_loader:
+        for i, (x, y) in enumerate(run.train_loader):
+            eps, alpha = run.eps_at(epoch, i)  # --eps-warmup ramp (MNIST default), else a.eps/a.alpha
             with run.autocast():
                 model.eval()
-                x_adv = common.pgd(train_model, x, y, a.eps, a.alpha, a.steps)
+                x_adv = common.pgd(train_model, x, y, eps, alpha, a.steps)
                 model.train()
                 logits = train_model(x_adv)
                 loss = F.cross_entropy(logits.float(), y)
@@ -317,8 +319,9 @@ def main(argv=None):
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
         asa = "off" if table is not None and epoch < args.asa_warmup else args.asa  # warm-up at eps0
         start = table.eps.clone() if table is not None else None
-        for batch in run.train_loader:
+        for i, batch in enumerate(run.train_loader):
             x, y, idx = batch if table is not None else (*batch, None)
+            cfg["eps"], cfg["alpha"] = run.eps_at(epoch, i)  # --eps-warmup ramp (MNIST default)
             with run.autocast():
                 loss, logits = infoard_loss(train_model, teacher, heads, x, y, asa=asa, table=eps_table, idx=idx, **cfg)
             opt.zero_grad(set_to_none=True)

@@ -169,7 +169,9 @@ def awp_restore(model, saved):
 # ----------------------------------------------------------------------------------------------
 def get_args(argv=None):
     p = common.base_parser("LTD (Chen & Lee, arXiv:2111.02331) on TRADES-AWP; --no-distill: the TRADES(-AWP) "
-                           "baseline", arch="wrn-34-10", epochs=200)
+                           "baseline", arch="wrn-34-10", epochs=200,
+                           # MNIST: TRADES's own MNIST beta; AWP from epoch 2, after the eps ramp
+                           per_dataset={"mnist": dict(beta=1.0, awp_warmup=2)})
     p.add_argument("--tau-t", type=float, default=0.5,
                    help="teacher temperature, 'relatively low' (value ours); may equal --tau-s (paper v4) or be "
                         "larger or smaller, sweeps allowed; ignored with --no-distill")
@@ -213,9 +215,10 @@ def train_stage(run, model, method, out_dir, epochs, tau_s=1.0, teacher=None):
     for epoch in trainer.epochs_to_run():
         run.train_loader.set_epoch(epoch)
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
-        for x, y in run.train_loader:
+        for i, (x, y) in enumerate(run.train_loader):
+            eps, alpha = run.eps_at(epoch, i)  # --eps-warmup ramp (MNIST default), else a.eps/a.alpha
             with run.autocast():
-                x_adv = trades_attack(train_model, x, a.eps, a.alpha, a.steps, tau_s)
+                x_adv = trades_attack(train_model, x, eps, alpha, a.steps, tau_s)
                 soft = None if teacher is None else teacher_soft_labels(
                     teacher, x if a.teacher_input == "clean" else x_adv, a.tau_t)
 

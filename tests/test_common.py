@@ -333,6 +333,52 @@ def test_impossible_batch_and_validation_sizes_are_clear_errors():
         common.get_loaders(common.base_parser("t").parse_args(TINY + ["--val-size", "0"]), "cpu")
 
 
+def test_train_size_takes_a_fixed_subset_and_refuses_bad_values():
+    args = lambda *extra: common.base_parser("t").parse_args(TINY + list(extra))
+    full, _, _, _ = common.get_loaders(args(), "cpu")  # synthetic: 512 images, 64 held out
+    sub, val, _, _ = common.get_loaders(args("--train-size", "100"), "cpu")
+    again, _, _, _ = common.get_loaders(args("--train-size", "100", "--seed", "3"), "cpu")
+    assert len(full.y) == 448 and len(sub.y) == 100 and len(val.y) == 64
+    assert torch.equal(sub.x, again.x)  # fixed subset, whatever the training seed
+    rows = {tuple(r.flatten().tolist()) for r in full.x}
+    assert all(tuple(r.flatten().tolist()) in rows for r in sub.x)  # drawn from the training part, not validation
+    for bad in ("449", "0", "-5"):
+        with pytest.raises(common.UserError) as e:
+            common.get_loaders(args("--train-size", bad), "cpu")
+        msg = str(e.value)
+        assert f"got {bad}" in msg and "between 1 and 448" in msg and "512 training images" in msg and "\n" not in msg
+
+
+def test_models_know_their_input_shape():
+    m = common.build_model("papernot-mnist", 10).eval()  # MNIST's 1x28x28 without being told
+    assert m(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"papernot-mnist expects inputs of shape \(N, 1, 28, 28\), "
+                                         r"got \(2, 3, 32, 32\)"):
+        m(torch.rand(2, 3, 32, 32))
+    r = common.build_model("wrn-10-1", 10).eval()  # CIFAR's 3x32x32; global pooling takes any H, W
+    assert r(torch.rand(1, 3, 40, 40)).shape == (1, 10)
+    with pytest.raises(ValueError, match=r"wrn-10-1 expects inputs of shape \(N, 3, H, W\), got \(1, 1, 28, 28\)"):
+        r(torch.rand(1, 1, 28, 28))
+
+
+def test_per_dataset_defaults_apply_only_where_not_given():
+    p = lambda: common.base_parser("t", arch="wrn-34-10", epochs=200, per_dataset={"mnist": {"epochs": 7}})
+    a = p().parse_args(["--dataset", "mnist"])
+    assert (a.arch, a.epochs, a.optimizer, a.lr, a.eps_warmup) == ("papernot-mnist", 7, "adam", 1e-3, 1)
+    a = p().parse_args(["--dataset", "mnist", "--arch", "wrn-10-1", "--optimizer", "sgd", "--eps-warmup", "0"])
+    assert (a.arch, a.optimizer, a.lr, a.eps_warmup) == ("wrn-10-1", "sgd", 0.1, 0)
+    a = p().parse_args(["--dataset", "cifar10"])
+    assert (a.arch, a.epochs, a.optimizer, a.lr, a.eps_warmup) == ("wrn-34-10", 200, "sgd", 0.1, 0)
+
+
+def test_eps_warmup_ramps_linearly():
+    args = common.base_parser("t").parse_args(TINY + ["--eps-warmup", "2", "--eps", "0.2", "--alpha", "0.04"])
+    run = common.Run(args, "t")  # 448 images / batch 64 = 7 batches per epoch
+    assert run.eps_at(0, 6) == pytest.approx((0.1, 0.02))
+    assert run.eps_at(1, 6) == pytest.approx((0.2, 0.04)) and run.eps_at(5, 0) == pytest.approx((0.2, 0.04))
+    assert run.eps_at(0, 0)[0] == pytest.approx(0.2 / 14)
+
+
 def test_command_line_error_is_one_line_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "evaluate.py", str(tmp_path / "missing.pt")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
