@@ -45,7 +45,7 @@ The paper's full text and code were not available to us (second search: still no
     ARD/IAD/AdaAD's 200 epochs and x0.1 at 100/150 (RSLAD: 300 epochs).
   Reconstructed, ours [P, §2]: every InfoARD rule and constant. The update rule (IAAT's up/down step, Balaji
     et al. 2019, with a per-sample memory), its cost (one probe attack at eps_i + gamma per batch besides the
-    training attack, whose result gives "fails"), gamma 1.9/255 (IAAT's), 10 warm-up epochs, the range
+    training attack, whose result gives "fails"), gamma = eps0 x 1.9/8 (IAAT's 1.9/255 at 8/255), 10 warm-up epochs (2 on MNIST), the range
     [eps0/2, 3 eps0/2], alpha_i = eps_i/4; the RSLAD inner loss as default (the notes proposed AdaAD's:
     `--inner adaad`); MIM as feature + attention terms; InfoNCE with in-batch negatives (per rank under
     torchrun: B/world of them), symmetric, tau 0.07 (CRD's), 128-d heads; Attention Transfer on the first
@@ -220,7 +220,7 @@ MIM = {"logit": (0, 0), "logit+feature": (1, 0), "logit+attention": (0, 1), "all
 
 def get_args(argv=None):
     p = common.base_parser(__doc__.splitlines()[0], epochs=200, weight_decay=2e-4,
-                           per_dataset={"mnist": dict(teacher_arch="papernot-mnist", at_stages=[0, 1])})
+                           per_dataset={"mnist": dict(teacher_arch="papernot-mnist", at_stages=[0, 1], asa_warmup=2)})
     p.add_argument("--teacher", default=None, help="robust teacher checkpoint; without it a PGD-AT teacher is trained first")
     p.add_argument("--teacher-arch", default="wrn-34-10", help="arch of the teacher trained when --teacher is absent")
     p.add_argument("--teacher-epochs", type=int, default=None, help="epochs of that teacher (None: --epochs)")
@@ -229,7 +229,8 @@ def get_args(argv=None):
                         "confidence (conf), fixed eps (off) (all ours)")
     p.add_argument("--asa-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="clip of eps_i (None: 0.5 eps, 1.5 eps, i.e. 4/255, 12/255) (ours)")
-    p.add_argument("--asa-gamma", type=float, default=1.9 / 255, help="--asa instance step (1.9/255, IAAT's value)")
+    p.add_argument("--asa-gamma", type=float, default=None,
+                   help="--asa instance step (default eps x 1.9/8: IAAT's 1.9/255 at eps 8/255, 0.071 on MNIST)")
     p.add_argument("--asa-warmup", type=int, default=10, help="--asa instance: first epochs at eps0, table frozen (ours)")
     p.add_argument("--inner", default="rslad", choices=["rslad", "adaad"],
                    help="attack objective: KL(T(x)||S(x')) or KL(T(x')||S(x')) (ours: rslad)")
@@ -248,7 +249,7 @@ def get_args(argv=None):
     args.w_kl = (0.1 if rslad_mode else 1.0) if args.w_kl is None else args.w_kl
     use_nce, use_at = MIM[args.mim]
     args.w_nce, args.w_at = args.w_nce * use_nce, args.w_at * use_at
-    if args.nce_tau <= 0 or args.nce_dim < 1 or args.asa_gamma < 0 or args.asa_warmup < 0:
+    if args.nce_tau <= 0 or args.nce_dim < 1 or (args.asa_gamma or 0) < 0 or args.asa_warmup < 0:
         raise common.UserError("--nce-tau and --nce-dim must be positive, --asa-gamma and --asa-warmup >= 0")
     if args.asa_range is not None and not 0 <= args.asa_range[0] <= args.asa_range[1]:
         raise common.UserError(f"--asa-range needs 0 <= LO <= HI, got {args.asa_range}")
@@ -294,6 +295,8 @@ def main(argv=None):
     args = get_args(argv)
     method = method_name(args)
     run = common.Run(args, method)
+    if args.asa_gamma is None:  # IAAT's 1.9/255 step at eps 8/255, scaled to this eps
+        args.asa_gamma = args.eps * 1.9 / 8
     if args.asa == "instance" and not isinstance(run.train_loader, common.TensorLoader):
         raise common.UserError("--asa instance needs a dataset held in memory (not a streamed folder); use --asa conf")
     # frozen, eval mode, temperature 1 (RSLAD/AdaAD distil from raw logits), same dataset checked
