@@ -519,7 +519,7 @@ class PapernotCNN(Classifier):
         self.out = nn.Linear(fc, num_classes)
         # Kaiming-normal weights and zero biases (as the TRADES SmallCNN). PyTorch's default init (uniform,
         # gain 1/sqrt(3) of Kaiming's) shrinks the activations ~25x over these six plain ReLU layers: the logits
-        # start nearly constant and SGD 0.01 sits at chance for hundreds of steps (README, "MNIST start-up").
+        # start nearly constant and SGD 0.01 sits at chance for hundreds of steps (README, per-dataset defaults).
         for m in [*self.features1, *self.features2, *self.fc]:
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -680,7 +680,7 @@ def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, targeted=F
 # the method's or the shared default. MNIST: the papernot-mnist CNN (the TRADES SmallCNN layout), Adam 1e-3
 # (as Madry et al.; it beat SGD 0.01 by 55% to 37% PGD-20 accuracy after 234 PGD-AT steps, README), no
 # crop augmentation (TRADES and Madry use none), 10 epochs with the lr x0.1 for the last two (TRADES trains
-# 100 with SGD; Adam gets most of the way in a few epochs, and 10 PGD-10 epochs are ~3 h on a 2-core CPU),
+# 100 with SGD; Adam gets most of the way in a few epochs; 10 PGD-10 PGD-AT epochs take ~35 min on 2 CPU cores),
 # and the training eps ramped up over the first epoch.
 DATASET_DEFAULTS = {
     "mnist": dict(arch="papernot-mnist", optimizer="adam", epochs=10, milestones=[8], eps_warmup=1,
