@@ -136,7 +136,7 @@ def apgd_targeted(model, x, y, eps, n_iter=100, n_targets=9, status=None):
         if len(idx) == 0:
             break
         if status:
-            status(f"apgd-t target {r}/{k}")
+            status(f"apgd-t target {r}/{k} on {len(idx)} images")
         adv = apgd(model, x[idx], y[idx], eps, n_iter, "dlr-t", target=order[idx, r])
         hit = predict(model, adv) != y[idx]
         x_adv[idx[hit]], alive[idx[hit]] = adv[hit], False
@@ -238,7 +238,7 @@ def cascade(model, x, y, names, attack, eps, autocast, seconds, status=None):
         sync(x.device); t = time.time()
         if len(idx):
             if status:
-                status(name)
+                status(f"{name} on {len(idx)} still robust")
             with autocast():
                 adv = attack(name, x[idx], y[idx])
             hit = predict(model, adv) != y[idx]
