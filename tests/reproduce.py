@@ -10,7 +10,7 @@ evaluated alike (AA-lite = `evaluate.py --preset standard`, with `--diagnose`).
 Families (--families, comma list; each is a baseline and a method trained by the same script):
   pgdat    PGD-AT  (at_alp.py --alp 0 --at 0 --w-clean 0 --w-adv 1)   and AT+ALP  (at_alp.py)
   trades   TRADES-AWP (ltd.py --no-distill)                           and LTD     (ltd.py --teacher <TRADES-AWP>)
-  distill  RSLAD (infoard.py --asa off --mim logit --teacher T)       and InfoARD (infoard.py --teacher T)
+  distill  RSLAD (infoard.py --asa off --mim logit --teacher T)       and InfoARD (infoard.py --w-kl 0.1 --teacher T)
   dd       its T=1 control (--temperature 1)                          and defensive distillation (MNIST/synthetic)
 RSLAD and InfoARD share one teacher T: --teacher, or by default the TRADES-AWP run's best.pt (trained here
 even when the trades family is not asked for).
@@ -42,7 +42,7 @@ RUNS = [
     ("trades-awp", "trades", "TRADES-AWP", "ltd", "--no-distill", STEPS + 4),
     ("ltd", "trades", "LTD", "ltd", "--teacher {trades}", STEPS + 4.3),
     ("rslad", "distill", "RSLAD", "infoard", "--asa off --mim logit --teacher {teacher}", STEPS + 2.3),
-    ("infoard", "distill", "InfoARD", "infoard", "--teacher {teacher}", STEPS + 2.3),
+    ("infoard", "distill", "InfoARD", "infoard", "--w-kl 0.1 --teacher {teacher}", 2 * STEPS + 2.3),  # RSLAD's KL scale
     ("dd-t1", "dd", "DD control (T=1)", "defensive_distillation", "--temperature 1", 2.3),
     ("dd", "dd", "Defensive distillation (T=100)", "defensive_distillation", "", 2.3),
 ]
