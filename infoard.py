@@ -45,9 +45,9 @@ The paper's full text and code were not available to us (second search: still no
     ARD/IAD/AdaAD's 200 epochs and x0.1 at 100/150 (RSLAD: 300 epochs).
   Reconstructed, ours [P, §2]: every InfoARD rule and constant. The update rule (IAAT's up/down step, Balaji
     et al. 2019, with a per-sample memory), its cost (one probe attack at eps_i + gamma per batch besides the
-    training attack, whose result gives "fails"), gamma = eps0 x 1.9/8 (IAAT's 1.9/255 at 8/255), 10 warm-up epochs (2 on MNIST), the range
-    [eps0/2, 3 eps0/2], alpha_i = eps_i/4; the RSLAD inner loss as default (the notes proposed AdaAD's:
-    `--inner adaad`); MIM as feature + attention terms; InfoNCE with in-batch negatives (per rank under
+    training attack, whose result gives "fails"), gamma = eps0 x 1.9/8 (IAAT's 1.9/255 at 8/255), 10 warm-up
+    epochs (2 on MNIST), the range [eps0/2, 3 eps0/2], alpha_i = eps_i/4; the RSLAD inner loss as default
+    (the notes proposed AdaAD's: `--inner adaad`); MIM as feature + attention terms; InfoNCE with in-batch negatives (per rank under
     torchrun: B/world of them), symmetric, tau 0.07 (CRD's), 128-d heads; Attention Transfer on the first
     three stage maps, weight 1000 (RepDistiller's); w_kl = w_nce = 1 outside RSLAD mode (KL `batchmean`);
     the PGD-AT teacher when none is given; best.pt by val PGD-10.
