@@ -216,12 +216,13 @@ def write_table(a, rows):
     precision = next((r["precision"] for r in rows if r["precision"]), None)
     lines = [f"{a.dataset}, {a.arch}, {budget}, seed {a.seed}; evaluation: {proto}, {a.n} test images "
              f"(diagnostics on {a.diagnose_n})" + (f", precision {precision}" if precision else "") + ".", "",
-             "| family | model | clean | AA-lite | verdict | train time | images/s | device |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:  # the verdict's reasons are in results.json and eval/<name>.json
+             "| family | model | clean | after APGD-CE | AA-lite | verdict | train time | images/s | device |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    pct = lambda v: "" if v is None else f"{100 * v:.2f}%"
+    for r in rows:  # the verdict's reasons and the cascade's hints are in results.json and eval/<name>.json
         verdict = str(r["verdict"]).split(":")[0].replace("|", "/")
-        lines.append(f"| {r['family']} | {r['label']} | {100 * r['clean']:.2f}% | {100 * r['aa_lite']:.2f}% | "
-                     f"{verdict} | {fmt_time(r['train_s'])} | {r['images_per_s']:.0f} | {r['device']} |")
+        lines.append(f"| {r['family']} | {r['label']} | {pct(r['clean'])} | {pct(r.get('after_apgd_ce'))} | "
+                     f"{pct(r['aa_lite'])} | {verdict} | {fmt_time(r['train_s'])} | {r['images_per_s']:.0f} | {r['device']} |")
     md = "\n".join(lines) + "\n"
     with open(os.path.join(a.out_dir, "results.md"), "w") as f:
         f.write(md)
@@ -270,7 +271,8 @@ def main(argv=None):
                      "clean": report["clean_acc"], "aa_lite": report["robust_acc"], "verdict": diag.get("verdict"),
                      "masking_suspected": diag.get("masking_suspected"), "train_s": secs, "images_per_s": ips,
                      "device": done["device"], "protocol": report.get("protocol"), "precision": report.get("precision"),
-                     "command": r["argv"]})
+                     "after_apgd_ce": next((x["acc_after"] for x in report["attacks"] if x["name"] == "apgd-ce"), None),
+                     "warnings": report.get("warnings", []), "command": r["argv"]})
     md = write_table(a, rows)
     print("\n" + md + f"\nwritten: {os.path.join(a.out_dir, 'results.md')}, {os.path.join(a.out_dir, 'results.json')}")
     return rows
