@@ -193,8 +193,8 @@ def test_bad_flags():
     with pytest.raises(common.UserError, match="temperature"):
         dd.get_args(["--temperature", "0"])
     with pytest.raises(common.UserError, match="nesterov"):
-        dd.get_args(["--momentum", "0"])
+        dd.get_args(["--optimizer", "sgd", "--nesterov", "--momentum", "0"])
     a = dd.get_args(["--dataset", "mnist"])
-    assert (a.arch, a.temperature, a.epochs, a.teacher_epochs, a.batch_size, a.schedule) == \
-        ("papernot-mnist", 100.0, 50, 50, 128, "constant")
+    assert (a.arch, a.temperature, a.epochs, a.teacher_epochs, a.batch_size, a.schedule, a.optimizer, a.lr) == \
+        ("papernot-mnist", 100.0, 50, 50, 128, "constant", "adam", 1e-3)
     assert dd.get_args(["--dataset", "cifar10"]).arch == "papernot-cifar"
