@@ -38,8 +38,11 @@ def run_main(main_fn, argv=None):
     try:
         return main_fn(argv)
     except UserError as e:
+        Progress.close_all()  # no live progress line drawing over the message
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        Progress.close_all()
 
 
 ##############################################################################################
@@ -309,6 +312,8 @@ def get_loaders(args, device, rank=0, world=1):
     n = len(x) if y is not None else len(x.samples)
     if args.val_size < 1:
         raise UserError("--val-size must be at least 1 (the best checkpoint is chosen on these images)")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     val_size = min(args.val_size, n // 5)
     if val_size < args.val_size and rank == 0:
         print(f"note: --val-size {args.val_size} is too large for {n} training images; using {val_size}")
@@ -711,6 +716,8 @@ class _Parser(argparse.ArgumentParser):
                 setattr(ns, k, table.get(k, fallback[k]))
         if ns.lr is None:  # Adam's usual 1e-3 unless a table or the method says otherwise
             ns.lr = 1e-3 if ns.optimizer == "adam" else 0.1
+        if getattr(ns, "eps_warmup", 0) and ns.eps_warmup < 0:
+            raise UserError(f"--eps-warmup must be >= 0 epochs, got {ns.eps_warmup}")
         if ns.optimizer == "sgd" and ns.nesterov and ns.momentum <= 0:
             raise UserError("--nesterov needs --momentum > 0 (or pass --no-nesterov)")
         return ns, rest
@@ -894,13 +901,21 @@ class Progress:
     rewritten in place about once a second on a terminal, a plain line every PROGRESS_EVERY seconds
     otherwise. The caller only sets `.done` (units finished) and `.note` (what runs now). No-op if not enabled."""
 
+    live = set()  # bars still drawing; run_main closes them before it prints an error
+
     def __init__(self, total, label, unit="images", enabled=True):
         self.total, self.label, self.unit, self.done, self.note = total, label, unit, 0, ""
         self.enabled, self.tty, self.t0, self.width = enabled, sys.stdout.isatty(), time.time(), 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True) if enabled else None
         if self._thread:
+            Progress.live.add(self)
             self._thread.start()
+
+    @classmethod
+    def close_all(cls):
+        for bar in list(cls.live):
+            bar.close()
 
     def line(self):
         elapsed = time.time() - self.t0
@@ -928,6 +943,7 @@ class Progress:
             self._stop.set()
             self._thread.join()
             self._thread = None
+            Progress.live.discard(self)
             if self.tty and self.width:
                 sys.stdout.write("\r" + " " * self.width + "\r")
                 sys.stdout.flush()
@@ -1059,7 +1075,11 @@ class Trainer:
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["schedule"])
         for name, obj in self.extra_state.items():
-            obj.load_state_dict(ckpt["extra"][name])
+            try:
+                obj.load_state_dict(ckpt["extra"][name])
+            except (KeyError, RuntimeError) as e:
+                raise UserError(f"{path} was written by a run with other settings ({name}: {type(e).__name__}); "
+                                f"resume with the same flags or use another --out-dir") from None
         torch.set_rng_state(ckpt["rng"])
         self.start_epoch, self.best = ckpt["epoch"] + 1, ckpt["metrics"].get("best", -1.0)
         if self.run.main:

@@ -78,7 +78,6 @@ the paper body was not available to us):
       Carlini's setup holds out 5,000 [C]); validating PGD on a masked model is meaningless. The student
       starts from a fresh init (Carlini's code gives both stages one shared init after 1 epoch at T = 1 [C]).
 """
-import argparse
 import math
 import os
 import time
@@ -136,7 +135,7 @@ def get_args(argv=None):
     p = common.base_parser(__doc__.splitlines()[0], epochs=50, batch_size=128, optimizer="adam", momentum=0.9,
                            weight_decay=0.0, arch="papernot-cifar", schedule="piecewise", milestones=None, gamma=0.5,
                            augment=False,  # the paper trains without augmentation
-                           per_dataset={"mnist": dict(optimizer="adam", epochs=50, schedule="constant")})
+                           per_dataset={"mnist": dict(epochs=50, schedule="constant", milestones=None)})
     p.add_argument("--temperature", type=float, default=100.0, help="training / distillation temperature T (paper: 100)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="stage-1 epochs (default: --epochs; paper: 50)")
     p.add_argument("--teacher", default=None, help="reuse a stage-1 checkpoint (e.g. <out-dir>/teacher/best.pt); skips stage 1")

@@ -411,8 +411,12 @@ def evaluate(args):
     for name in names:
         if name not in ATTACKS:
             raise common.UserError(f"unknown attack '{name}' (choose from {', '.join(ATTACKS)})")
-    if args.transfer_steps < 1:
-        raise common.UserError(f"--transfer-steps must be >= 1, got {args.transfer_steps}")
+    for flag, v in (("--transfer-steps", args.transfer_steps), ("--batch-size", args.batch_size), ("--n", args.n),
+                    ("--diagnose-n", args.diagnose_n), ("--apgd-iters", args.apgd_iters)):
+        if v is not None and v < 1:
+            raise common.UserError(f"{flag} must be >= 1, got {v}")
+    if args.eps is not None and args.eps < 0:
+        raise common.UserError(f"--eps must be >= 0, got {args.eps}")
     if "autoattack" in names and official_autoattack() is None:
         raise common.UserError("--attacks autoattack needs the official package installed: fra31/auto-attack "
                                "(imports as autoattack) or its PyPI copy pyautoattack")

@@ -93,6 +93,8 @@ def asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa="instanc
         eps_i = asa_eps(t_probs.gather(1, y[:, None]).squeeze(1), eps, lo, hi)
     elif eps_i is None:
         raise ValueError("asa='instance' needs eps_i, this batch's entries of the strength table")
+    else:
+        eps_i = eps_i.clamp(lo, hi)
 
     def attack(e):
         if inner == "rslad":
@@ -314,7 +316,8 @@ def main(argv=None):
     opt, sched = run.optimizer(list(student.parameters()) + (list(heads.parameters()) if heads else []))
     extra = {k: v for k, v in (("heads", heads), ("eps_table", table)) if v is not None}
     trainer = common.Trainer(run, student, opt, sched, method, temperature=1.0, extra_state=extra)
-    cfg = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, inner=args.inner, eps_range=args.asa_range,
+    cfg = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, inner=args.inner,
+               eps_range=args.asa_range or (0.5 * args.eps, 1.5 * args.eps),  # fixed, not ramped by --eps-warmup
                gamma=args.asa_gamma, w_kl=args.w_kl, w_nce=args.w_nce, w_at=args.w_at, tau=args.nce_tau,
                at_stages=args.at_stages)
     for epoch in trainer.epochs_to_run():

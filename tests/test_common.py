@@ -393,3 +393,10 @@ def test_unsafe_pickles_are_refused(tmp_path):
     torch.save({"format": common.CHECKPOINT_FORMAT, "x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(common.UserError, match="cannot read checkpoint"):
         common.load_checkpoint(str(tmp_path / "evil.pt"))
+
+
+def test_negative_eps_warmup_and_zero_batch_are_one_line_errors(tmp_path):
+    with pytest.raises(common.UserError, match="--eps-warmup must be >= 0"):
+        common.base_parser("x").parse_args(["--eps-warmup", "-1"])
+    with pytest.raises(common.UserError, match="--batch-size must be at least 1"):
+        pgd_at([a if a != "64" else "0" for a in TINY[:8]] + TINY[8:] + ["--out-dir", str(tmp_path)])

@@ -420,3 +420,20 @@ def test_training_shows_progress_inside_an_epoch(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "  epoch 1: " in out and "images/s" in out
     assert "[pgd-at] epoch 1/1" in out  # the per-epoch line stays as it was
+
+
+def test_bad_counts_are_one_line_errors(checkpoint):
+    for flag, value in (("--n", "0"), ("--n", "-5"), ("--diagnose-n", "0"), ("--batch-size", "0"), ("--apgd-iters", "0"),
+                        ("--transfer-steps", "0"), ("--eps", "-0.1")):
+        with pytest.raises(common.UserError, match=flag.lstrip("-").replace("-", ".") + ".* must be >= "):
+            evaluate.main([checkpoint, flag, value, "--device", "cpu", "--quiet"])
+
+
+def test_run_main_closes_live_progress_lines_before_an_error(capsys):
+    def failing(argv):
+        common.Progress(10, "work")  # left open, as a training loop interrupted by a UserError leaves it
+        raise common.UserError("boom")
+    with pytest.raises(SystemExit):
+        common.run_main(failing)
+    assert not common.Progress.live
+    assert "error: boom" in capsys.readouterr().err
