@@ -949,16 +949,19 @@ class Progress:
                 sys.stdout.flush()
 
 
+def predict_logits(model, x):
+    """float32 logits with autocast off: correct-or-not is decided here (evaluate.py's verdict, validation)."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        return model(x).float()
+
+
 def evaluate_accuracy(model, loader, eps, alpha, steps=10, amp=None):
     """Clean and PGD-`steps` (CE, random start) accuracy of `model` in eval mode, summed over ranks.
     The attack may run under `amp`; correct-or-not is decided in float32."""
     was_training = model.training
     model.eval()
     correct = robust = total = 0
-
-    def right(v, y):
-        with torch.no_grad(), torch.autocast(v.device.type, enabled=False):
-            return (model(v).argmax(1) == y).sum().item()
+    right = lambda v, y: (predict_logits(model, v).argmax(1) == y).sum().item()
     for x, y in loader:
         correct += right(x, y)
         if steps > 0:

@@ -40,10 +40,7 @@ ATTACKS = ("fgsm", "pgd20", "pgd100", "cw", "apgd-ce", "apgd-t", "square", "tran
 
 
 # ------------------------------------------------------------------------------------- Precision
-def predict_logits(model, x):
-    """The verdict's logits: float32, autocast off. Whether an image is broken is decided here, always."""
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        return model(x).float()
+predict_logits = common.predict_logits  # the verdict's logits: float32, autocast off; "broken" is decided there
 
 
 def predict(model, x):
