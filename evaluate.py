@@ -47,12 +47,6 @@ def predict(model, x):
     return predict_logits(model, x).argmax(1)
 
 
-def decision_logits(model, x, logits):
-    """Logits to take an attack's decisions on: those of the forward just run if it ran in float32, a fresh
-    float32 forward if it ran under autocast. So no attack keeps a point as "broken" that the verdict rejects."""
-    return predict_logits(model, x) if torch.is_autocast_enabled(x.device.type) else logits.detach().float()
-
-
 @contextlib.contextmanager
 def strict_float32():
     """TF32 off for convolutions and matmuls while evaluating (it rounds float32 inputs to 10 mantissa bits
@@ -79,9 +73,12 @@ def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75):
     def loss_and_grad(z):
         z = z.clone().requires_grad_(True)
         logits = model(z).float()
-        grad, = torch.autograd.grad(loss_of(logits).sum(), z)
-        z32 = decision_logits(model, z.detach(), logits)
-        return loss_of(z32), grad.detach().contiguous(), z32.argmax(1) != y
+        value = loss_of(logits)
+        grad, = torch.autograd.grad(value.sum(), z)
+        if torch.is_autocast_enabled(z.device.type):  # decide on a float32 forward, not on the bf16 one
+            logits = predict_logits(model, z.detach())
+            value = loss_of(logits)
+        return value.detach(), grad.detach().contiguous(), logits.detach().argmax(1) != y
 
     project = lambda z: torch.min(torch.max(z, x - eps), x + eps).clamp(0, 1)
     t = torch.rand_like(x) * 2 - 1
@@ -300,8 +297,8 @@ def diagnose(model, x, y, eps, alpha, num_classes, autocast, square_queries=1000
     ok = lambda xa: predict(model, xa) == y  # per image
     acc = lambda xa: ok(xa).float().mean().item()
     step = lambda name: status(name) if status else None
+    d["acc_clean"] = (z.argmax(1) == y).float().mean().item()
     with autocast():
-        d["acc_clean"] = acc(x)
         step("fgsm"); d["acc_fgsm"] = acc(common.pgd(model, x, y, eps, eps, 1, random_start=False))
         step("pgd20"); ok20 = ok(common.pgd(model, x, y, eps, alpha, 20))
         step("pgd100"); ok100 = ok(common.pgd(model, x, y, eps, alpha, 100))
