@@ -319,11 +319,12 @@ def get_loaders(args, device, rank=0, world=1):
         print(f"note: --val-size {args.val_size} is too large for {n} training images; using {val_size}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))  # fixed split, any training seed
     train_size = getattr(args, "train_size", None)
-    if train_size is not None:  # the first N of the same fixed permutation after the hold-out: seeded, nested
+    if train_size is not None:  # N of the rest, drawn with the run's seed (the hold-out stays the same)
         if not 1 <= train_size <= n - val_size:
             raise UserError(f"--train-size must be between 1 and {n - val_size} (the {n} training images of "
                             f"{args.dataset} minus {val_size} held out for validation), got {train_size}")
-        perm = perm[:val_size + train_size]
+        rest = perm[val_size:][torch.randperm(n - val_size, generator=torch.Generator().manual_seed(args.seed))]
+        perm = torch.cat([perm[:val_size], rest[:train_size]])
     if y is None:  # streamed tree: keep its own order, validation on a subset of the test transform
         from torch.utils.data import Subset
         (val_ds, _), _ = load_dataset(args.dataset, args.data_dir, train=False)

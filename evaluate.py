@@ -441,7 +441,7 @@ def evaluate(args):
 
     print(f"{args.checkpoint}: method {ck['method']}, arch {ck['arch']}, {dataset}, deployed temperature {model.temperature:g}")
     print(f"L-inf eps {eps:.4f} ({eps * 255:.1f}/255), {n} test images, {protocol}, precision: {precision}", flush=True)
-    correct, robust_after = 0, {k: 0 for k in names}
+    correct, robust_after, per_image = 0, {k: 0 for k in names}, {"clean": [], "robust": []}
     seconds = {k: 0.0 for k in ["clean"] + names}
     grid, bar, nb = None, common.Progress(n, "evaluating", enabled=not args.quiet), len(loader)
     attack = lambda name, xa, ya: run_attack(name, model, xa, ya, eps, alpha, source, args.apgd_iters,
@@ -452,6 +452,8 @@ def evaluate(args):
             status = lambda what: setattr(bar, "note", f"{so_far}[batch {b + 1}/{nb}: {what}]")
             alive, x_show = cascade(model, x, y, names, attack, eps, autocast, seconds, status)
             correct += alive["clean"].sum().item()
+            per_image["clean"] += alive["clean"].tolist()
+            per_image["robust"] += alive[names[-1] if names else "clean"].tolist()
             for name in names:
                 robust_after[name] += alive[name].sum().item()
             bar.done += len(y)
@@ -471,7 +473,9 @@ def evaluate(args):
               "device": str(device), "clean_acc": correct / n,
               "attacks": [{"name": k, "acc_after": acc_after[k], "seconds": seconds[k]} for k in names],
               "robust_acc": (robust_after[names[-1]] if names else correct) / n, "seconds": seconds,
-              "warnings": cascade_warnings(names, acc_after)}
+              "warnings": cascade_warnings(names, acc_after),
+              # per test image (dataset index; 1 = correct / robust to every attack): for paired comparisons
+              "per_image": {"index": idx.tolist(), **{k: "".join("01"[b] for b in v) for k, v in per_image.items()}}}
     print(f"  {'clean':<12}{100 * report['clean_acc']:7.2f}%  {seconds['clean']:8.1f}s")
     for a in report["attacks"]:
         print(f"  {'after ' + a['name']:<12}{100 * a['acc_after']:7.2f}%  {a['seconds']:8.1f}s")

@@ -333,13 +333,15 @@ def test_impossible_batch_and_validation_sizes_are_clear_errors():
         common.get_loaders(common.base_parser("t").parse_args(TINY + ["--val-size", "0"]), "cpu")
 
 
-def test_train_size_takes_a_fixed_subset_and_refuses_bad_values():
+def test_train_size_takes_a_subset_per_seed_and_refuses_bad_values():
     args = lambda *extra: common.base_parser("t").parse_args(TINY + list(extra))
     full, _, _, _ = common.get_loaders(args(), "cpu")  # synthetic: 512 images, 64 held out
     sub, val, _, _ = common.get_loaders(args("--train-size", "100"), "cpu")
-    again, _, _, _ = common.get_loaders(args("--train-size", "100", "--seed", "3"), "cpu")
+    same, _, _, _ = common.get_loaders(args("--train-size", "100"), "cpu")
+    other, val3, _, _ = common.get_loaders(args("--train-size", "100", "--seed", "3"), "cpu")
     assert len(full.y) == 448 and len(sub.y) == 100 and len(val.y) == 64
-    assert torch.equal(sub.x, again.x)  # fixed subset, whatever the training seed
+    assert torch.equal(sub.x, same.x) and not torch.equal(sub.x, other.x)  # the seed draws the subset
+    assert torch.equal(val.x, val3.x)  # the held-out validation images do not move with the seed
     rows = {tuple(r.flatten().tolist()) for r in full.x}
     assert all(tuple(r.flatten().tolist()) in rows for r in sub.x)  # drawn from the training part, not validation
     for bad in ("449", "0", "-5"):

@@ -1,10 +1,14 @@
-"""tests.reproduce end to end on synthetic data with tiny budgets: one table row per run with a verdict,
-and a second call that reuses every finished checkpoint and evaluation instead of training again."""
+"""tests.reproduce end to end on synthetic data with tiny budgets and two seeds: one table row per run and seed
+with a verdict, an aggregate table whose means, differences and intervals match numbers computed here, and a
+second call that reuses every finished checkpoint and evaluation instead of training again. Also the
+statistics helpers against hand-computed values."""
 import functools
 import json
+import math
 import os
 
 import pytest
+import torch
 
 import at_alp
 import common
@@ -20,7 +24,7 @@ NAMES = ["pgd-at", "at-alp", "trades-awp", "ltd", "rslad", "infoard", "dd-t1", "
 
 def argv(out):
     return ["--dataset", "synthetic", "--arch", "wrn-10-1", "--epochs", "1", "--n", "8", "--diagnose-n", "4",
-            "--device", "cpu", "--out-dir", str(out), "--train-args", "--steps 1 --batch-size 32 --val-size 16",
+            "--device", "cpu", "--out-dir", str(out), "--seeds", "0", "1", "--train-args", "--steps 1 --batch-size 32 --val-size 16",
             "--eval-args", "--apgd-iters 2 --square-queries 4 --batch-size 8"]
 
 
@@ -34,27 +38,71 @@ def first_call(tmp_path_factory):
     mp.undo()
 
 
-def test_table_has_one_row_per_run_with_a_verdict(first_call):
+def test_table_has_one_row_per_run_and_seed_with_a_verdict(first_call):
     out, rows, _ = first_call
-    assert [r["name"] for r in rows] == NAMES
-    assert [r["family"] for r in rows] == ["pgdat"] * 2 + ["trades"] * 2 + ["distill"] * 2 + ["dd"] * 2
+    assert [(r["name"], r["seed"]) for r in rows] == [(n, s) for s in (0, 1) for n in NAMES]
+    assert [r["family"] for r in rows[:8]] == ["pgdat"] * 2 + ["trades"] * 2 + ["distill"] * 2 + ["dd"] * 2
     for r in rows:
-        report = json.loads((out / "eval" / f"{r['name']}.json").read_text())
+        report = json.loads((out / "eval" / f"{r['name']}-s{r['seed']}.json").read_text())
         assert (r["clean"], r["aa_lite"]) == (report["clean_acc"], report["robust_acc"])
+        assert r["per_image"]["robust"].count("1") == round(r["aa_lite"] * r["n"]) and len(r["per_image"]["robust"]) == 8
         assert r["verdict"] == report["diagnostics"]["verdict"] and r["verdict"]
         assert r["train_s"] > 0 and r["images_per_s"] > 0 and r["device"].startswith("CPU")
+    # paired: every run was attacked on the same test images; the seed changed the training
+    assert len({tuple(r["per_image"]["index"]) for r in rows}) == 1
+    for name in NAMES:
+        s0, s1 = (torch.load(out / "runs" / f"{name}-s{s}" / "best.pt", weights_only=True) for s in (0, 1))
+        assert any(not torch.equal(s0["model"][k], s1["model"][k]) for k in s0["model"] if "weight" in k)
     md = (out / "results.md").read_text()
-    table = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(table) == len(NAMES)
+    table = [line for line in md.split("\n\n")[1].splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(table) == len(rows)
     for line, r in zip(table, rows):
-        assert f"| {r['label']} |" in line and f"{100 * r['aa_lite']:.2f}%" in line
+        k = r["per_image"]["robust"].count("1")
+        assert f"| {r['label']} | {r['seed']} |" in line and f"{100 * k / 8:.1f}% [" in line and f"], {k}/8 |" in line
         assert ("masking suspected" in line) == r["masking_suspected"] and "masking" in line
     assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
-    # the families share what they must: LTD, RSLAD and InfoARD distil from the TRADES-AWP run's best.pt
-    teacher = str(out / "runs" / "trades-awp" / "best.pt")
+    # the families share what they must: LTD, RSLAD and InfoARD distil from the same seed's TRADES-AWP best.pt
     for r in rows:
         if r["name"] in ("ltd", "rslad", "infoard"):
+            teacher = str(out / "runs" / f"trades-awp-s{r['seed']}" / "best.pt")
             assert r["command"][r["command"].index("--teacher") + 1] == teacher
+
+
+def test_aggregate_table_matches_numbers_computed_here(first_call):
+    out, rows, _ = first_call
+    res = json.loads((out / "results.json").read_text())
+    md = (out / "results.md").read_text()
+    by = {(r["label"], r["seed"]): r for r in rows}
+    for m in res["models"]:
+        v = [100 * by[(m["label"], s)]["aa_lite"] for s in (0, 1)]
+        assert m["aa_mean"] == pytest.approx((v[0] + v[1]) / 2) and m["aa_sd"] == pytest.approx(abs(v[0] - v[1]) / math.sqrt(2))
+        assert f"| {m['label']} | 2 | " in md
+    assert [f["family"] for f in res["families"]] == ["pgdat", "trades", "distill", "dd"]
+    for f in res["families"]:
+        d = [100 * (by[(f["method"], s)]["aa_lite"] - by[(f["baseline"], s)]["aa_lite"]) for s in (0, 1)]
+        assert f["diffs"] == pytest.approx(d) and f["mean"] == pytest.approx(sum(d) / 2)
+        half = 12.706 * (abs(d[0] - d[1]) / math.sqrt(2)) / math.sqrt(2)  # t(0.975, 1 df) x sd / sqrt(2)
+        assert f["ci"] == pytest.approx([f["mean"] - half, f["mean"] + half])
+        only_m = sum(m == "1" and b == "0" for s in (0, 1) for m, b in zip(by[(f["method"], s)]["per_image"]["robust"],
+                                                                          by[(f["baseline"], s)]["per_image"]["robust"]))
+        only_b = sum(m == "0" and b == "1" for s in (0, 1) for m, b in zip(by[(f["method"], s)]["per_image"]["robust"],
+                                                                          by[(f["baseline"], s)]["per_image"]["robust"]))
+        assert (f["method_only"], f["baseline_only"]) == (only_m, only_b)
+        assert f"{f['method']} - {f['baseline']}: {f['mean']:+.1f} points" in md
+
+
+def test_statistics_helpers_against_hand_computed_values():
+    assert reproduce.sign_test(0, 5) == pytest.approx(2 / 32)
+    assert reproduce.sign_test(1, 9) == pytest.approx(2 * 11 / 1024) and reproduce.sign_test(9, 1) == reproduce.sign_test(1, 9)
+    assert reproduce.sign_test(3, 3) == 1.0 and reproduce.sign_test(0, 0) == 1.0
+    m, sd, (lo, hi) = reproduce.mean_sd_interval([1.0, 2.0, 3.0])
+    assert (m, sd) == (2.0, 1.0) and (lo, hi) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
+    assert reproduce.mean_sd_interval([5.0]) == (5.0, None, None)
+    assert reproduce.t_quantile(2) == 4.303 and reproduce.t_quantile(40) == pytest.approx(2.0211, abs=2e-4)
+    assert reproduce.t_quantile(120) == pytest.approx(1.9799, abs=2e-4)
+    lo, hi = reproduce.wilson(156, 500)
+    assert (round(100 * lo, 1), round(100 * hi, 1)) == (27.3, 35.4)
+    assert reproduce.wilson(0, 10)[0] == 0 and reproduce.wilson(10, 10)[1] == pytest.approx(1)
 
 
 def test_second_call_reuses_finished_runs_and_resumes_an_unfinished_one(first_call, monkeypatch):
@@ -72,23 +120,32 @@ def test_second_call_reuses_finished_runs_and_resumes_an_unfinished_one(first_ca
     assert {p: p.stat().st_mtime_ns for p in files} == stamps  # no checkpoint, log or report rewritten
 
     # An interrupted training (no DONE marker) continues with --resume and is evaluated again.
-    os.remove(out / "runs" / "at-alp" / "DONE")
+    os.remove(out / "runs" / "at-alp-s1" / "DONE")
     calls = []
 
     def fake_train(args):
         calls.append(args)
-        return str(out / "runs" / "at-alp" / "best.pt")
+        return str(out / "runs" / "at-alp-s1" / "best.pt")
     monkeypatch.setattr(at_alp, "main", fake_train)
     monkeypatch.setattr(evaluate, "main", lambda args: calls.append(args) or json.loads(
-        (out / "eval" / "pgd-at.json").read_text()))
+        (out / "eval" / "pgd-at-s1.json").read_text()))
     reproduce.main(argv(out))
-    assert len(calls) == 2 and "--resume" in calls[0] and calls[0][calls[0].index("--out-dir") + 1].endswith("at-alp")
-    assert calls[1][0].endswith(os.path.join("at-alp", "best.pt"))  # the retrained run is re-evaluated
+    assert len(calls) == 2 and "--resume" in calls[0] and calls[0][calls[0].index("--out-dir") + 1].endswith("at-alp-s1")
+    assert calls[0][calls[0].index("--seed") + 1] == "1"
+    assert calls[1][0].endswith(os.path.join("at-alp-s1", "best.pt"))  # the retrained run is re-evaluated
+    assert calls[1][calls[1].index("--seed") + 1] == "1"
 
 
-def test_bad_families_and_dd_on_cifar_are_one_line_errors():
+def test_bad_flags_are_one_line_errors_and_the_preset_fills_only_unset_flags():
     with pytest.raises(common.UserError, match="unknown family"):
         reproduce.get_args(["--families", "pgdat,fast"])
-    with pytest.raises(common.UserError, match="mnist or synthetic"):
-        reproduce.get_args(["--dataset", "cifar10", "--families", "dd"])
-    assert "dd" not in reproduce.get_args(["--dataset", "cifar10"]).families  # the default just leaves it out
+    with pytest.raises(common.UserError, match="repeats a seed"):
+        reproduce.get_args(["--seeds", "0", "0"])
+    a = reproduce.get_args(["--preset", "cpu-cifar10", "--epochs", "2", "--dataset", "folder"])
+    preset = reproduce.PRESETS["cpu-cifar10"]
+    assert (a.epochs, a.dataset, a.arch, a.train_size, a.n) == (2, "folder", preset["arch"], preset["train_size"], 1000)
+    assert "dd" in a.families  # defensive distillation on CIFAR-10 too, with Papernot's CIFAR CNN
+    runs = reproduce.plan(a)
+    dd = next(r for r in runs if r["name"] == "dd")
+    assert reproduce.last_flag(dd["argv"], "--arch") == "papernot-cifar"
+    assert reproduce.last_flag(next(r for r in runs if r["name"] == "pgd-at")["argv"], "--arch") == preset["arch"]
