@@ -639,7 +639,9 @@ def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, targeted=F
     eps, alpha: floats, or (B,) tensors for per-sample strength (InfoARD's adaptive attack).
     loss:   'ce' (cross-entropy on y), 'cw' (logit margin), 'kl' (KL(target || softmax(output)),
             `target` a probability matrix, TRADES-style), or a callable(output, y) -> per-sample losses.
-    random_start: True for U(-eps, eps), 'normal' for 0.001 N(0, 1) (TRADES), False for none.
+    random_start: True for U(-eps, eps) (clamped into [0,1]), 'normal' for 0.001 N(0, 1) with the first gradient
+            taken at the unclamped x + 0.001 N(0, 1), as the TRADES, TRADES-AWP and RSLAD codes do; False for none.
+            Every iterate after a step is projected into the eps-ball and [0,1].
     targeted: move towards class y instead of away from it (descend the CE).
     """
     if steps < 0 or (not torch.is_tensor(eps) and eps < 0):
@@ -648,13 +650,17 @@ def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, targeted=F
         raise ValueError("loss='kl' needs target probabilities")
     eps_b, alpha_b = _per_sample(eps, x), _per_sample(alpha, x)
     x = x.detach()
-    if random_start == "normal":
+
+    def project(d):  # into the eps-ball around x, then into the image range [0,1]
+        d = torch.max(torch.min(d, eps_b), -eps_b) if torch.is_tensor(eps_b) else d.clamp(-eps_b, eps_b)
+        return (x + d).clamp(0, 1) - x
+
+    if random_start == "normal":  # not projected: the reference codes' first gradient is at the unclamped point
         delta = 0.001 * torch.randn_like(x)
     elif random_start:
-        delta = (torch.rand_like(x) * 2 - 1) * eps_b
+        delta = (x + (torch.rand_like(x) * 2 - 1) * eps_b).clamp(0, 1) - x
     else:
         delta = torch.zeros_like(x)
-    delta = ((x + delta).clamp(0, 1) - x)
     for _ in range(steps):
         delta.requires_grad_(True)
         out = model(x + delta)
@@ -670,10 +676,8 @@ def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, targeted=F
             raise ValueError(f"unknown pgd loss '{loss}'")
         grad, = torch.autograd.grad(value.sum() * (-1 if targeted else 1), delta)
         with torch.no_grad():
-            delta = delta + alpha_b * grad.sign()
-            delta = torch.max(torch.min(delta, eps_b), -eps_b) if torch.is_tensor(eps_b) else delta.clamp(-eps_b, eps_b)
-            delta = (x + delta).clamp(0, 1) - x
-    return (x + delta).detach()
+            delta = project(delta + alpha_b * grad.sign())
+    return (x + (delta if steps else project(delta))).detach()
 
 
 ##############################################################################################
@@ -741,7 +745,8 @@ def base_parser(description, per_dataset=None, **defaults):
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="SGD Nesterov momentum")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--schedule", default="piecewise", choices=["piecewise", "cosine", "onecycle", "constant"])
-    p.add_argument("--milestones", type=int, nargs="*", default=[100, 150], help="piecewise: epochs where lr *= gamma")
+    p.add_argument("--milestones", type=int, nargs="*", default=[100, 150],
+                   help="piecewise: lr *= gamma once this many epochs are done (99: from the 100th epoch on)")
     p.add_argument("--gamma", type=float, default=0.1)
     p.add_argument("--eps", type=float, default=None, help="L-inf radius (default: 8/255 CIFAR/SVHN, 0.3 MNIST, 4/255 large)")
     p.add_argument("--alpha", type=float, default=None, help="attack step (default 2.5 eps / steps: 2/255 on CIFAR)")
