@@ -507,7 +507,8 @@ class MobileNetV2(Classifier):
 
 class PapernotCNN(Classifier):
     """The CNNs of Papernot et al. 2016, Table I: conv-conv-pool-conv-conv-pool (3x3, 'valid' padding as in
-    Carlini's reproduction), FC-FC with dropout 0.5, FC. MNIST: 32-32-64-64 / 200-200; CIFAR: 64-64-128-128 / 256-256.
+    Carlini's reproduction), FC-FC, FC. MNIST: 32-32-64-64 / 200-200; CIFAR: 64-64-128-128 / 256-256. Dropout 0.5
+    after both hidden FC layers is our reading of Table II (Carlini's code and the TRADES SmallCNN: the first only).
     Stages: the two pooled maps; pooled = second FC layer's activations."""
     fixed_size = True
 
@@ -522,9 +523,10 @@ class PapernotCNN(Classifier):
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(b * side * side, fc), nn.ReLU(), nn.Dropout(dropout),
                                 nn.Linear(fc, fc), nn.ReLU(), nn.Dropout(dropout))
         self.out = nn.Linear(fc, num_classes)
-        # Kaiming-normal weights and zero biases (as the TRADES SmallCNN). PyTorch's default init (uniform,
-        # gain 1/sqrt(3) of Kaiming's) shrinks the activations ~25x over these six plain ReLU layers: the logits
-        # start nearly constant and SGD 0.01 sits at chance for hundreds of steps (README, per-dataset defaults).
+        # Kaiming-normal weights and zero biases on the convolutions and the hidden FC layers (the TRADES SmallCNN:
+        # on its convolutions only, and a zero last layer). PyTorch's default init (uniform, gain 1/sqrt(3) of
+        # Kaiming's) shrinks the activations ~25x over these six plain ReLU layers: the logits start nearly
+        # constant and SGD 0.01 sits at chance for hundreds of steps (README, per-dataset defaults).
         for m in [*self.features1, *self.features2, *self.fc]:
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -697,6 +699,13 @@ DATASET_DEFAULTS = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends (default: ...) unless the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that fills unset per-dataset flags (DATASET_DEFAULTS) after parsing, once --dataset is known."""
 
@@ -708,10 +717,11 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         keys = {k for table in self.per_dataset.values() for k in table}
         fallback = {a.dest: a.default for a in self._actions if a.dest in keys}
-        for a in self._actions:
-            if a.dest in keys and "[per dataset" not in (a.help or ""):
-                shown = "; ".join(f"{d}: {t[a.dest]}" for d, t in sorted(self.per_dataset.items()) if a.dest in t)
-                a.help = (a.help + " " if a.help else "") + f"[per dataset, {shown}]"
+        for a in self._actions:  # an entry None is resolved by the method itself and not shown
+            if a.dest in keys and a.help != argparse.SUPPRESS and "[per dataset" not in (a.help or ""):
+                shown = "; ".join(f"{d}: {t[a.dest]}" for d, t in sorted(self.per_dataset.items())
+                                  if t.get(a.dest) is not None)
+                a.help = (a.help or "") + (f" [per dataset, {shown}]" if shown else "")
         # argparse leaves attributes already in the namespace alone: None there means "not given"
         ns, rest = super().parse_known_args(args, namespace or argparse.Namespace(**dict.fromkeys(keys)))
         table = self.per_dataset.get(ns.dataset, {})
@@ -730,7 +740,7 @@ class _Parser(argparse.ArgumentParser):
 def base_parser(description, per_dataset=None, **defaults):
     """The flags every method script shares; `defaults` sets the method's own (paper) defaults, `per_dataset`
     ({dataset: {flag: value}}) its own entries of DATASET_DEFAULTS."""
-    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = _Parser(description=description, formatter_class=_HelpFormatter,
                 per_dataset=per_dataset, epilog="Flags marked [per dataset] take the value listed for that dataset "
                 "unless given; the (default: ...) shown is for the other datasets. The method defaults are the "
                 "papers' CIFAR settings, which do not train on MNIST (README, 'Per-dataset defaults').")
