@@ -113,8 +113,8 @@ def ltd_loss(model, x, x_adv, y, beta=6.0, tau_s=1.0, soft=None, soft_on="natura
     Without dropout they are equal: one serves both terms and the repeated clean forward (bn_order) runs without
     gradient, only to give BatchNorm the references' running-statistics updates; the loss is the same.
     bn_order, the train-mode forward order: 'trades-awp' adv, clean (KL target), clean (natural term), as the
-    TRADES-AWP code; 'trades' clean (natural), adv, clean (KL target), as the TRADES code (and AWP's proxy loss);
-    None: clean, adv, plus the KL target's clean forward only under dropout.
+    TRADES-AWP code; 'trades' clean (natural), adv, clean (KL target), as the TRADES code; None (the AWP proxy's
+    loss, whose statistics are discarded): clean, adv, and the KL target's clean forward only under dropout.
     """
     dropout = has_active_dropout(model)
     z = lambda v: model(v).float() / tau_s  # divide in float32, not in bf16 under autocast
