@@ -21,7 +21,8 @@ attention maps towards the teacher's. With p_T = softmax(T(x)), x' the ASA adver
       + w_nce InfoNCE(g_s(z_S(x')), g_t(z_T(x)); tau)                              (I(z_S; z_T) >= log B - L_nce)
       + w_at  sum_{l=1..3} mean (a(S_l(x')) - a(T_l(x)))^2,  a(f) = normalise(vec(mean_c f^2))
 
-g_s, g_t: linear maps to 128-d, L2-normalised, trained with S, not deployed. `--asa conf` is the older teacher-confidence rule eps_i = clip(eps0 (0.5 + p_T(y|x)), lo, hi).
+g_s, g_t: linear maps to 128-d, L2-normalised, trained with S, not deployed. `--asa conf` is the older
+teacher-confidence rule eps_i = clip(eps0 (0.5 + p_T(y|x)), lo, hi).
 RSLAD mode, `--asa off --mim logit` (--inner rslad), is RSLAD's attack and loss (Zi et al., ICCV 2021) at its
 KL scale, w_kl 0.1 by default; it is named `rslad` only at w_kl 0.1, else `rslad-like-wkl<w>`.
 
