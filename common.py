@@ -508,7 +508,8 @@ class MobileNetV2(Classifier):
 
 class PapernotCNN(Classifier):
     """The CNNs of Papernot et al. 2016, Table I: conv-conv-pool-conv-conv-pool (3x3, 'valid' padding as in
-    Carlini's reproduction), FC-FC with dropout 0.5, FC. MNIST: 32-32-64-64 / 200-200; CIFAR: 64-64-128-128 / 256-256.
+    Carlini's reproduction), FC-FC, FC. MNIST: 32-32-64-64 / 200-200; CIFAR: 64-64-128-128 / 256-256. Dropout 0.5
+    after both hidden FC layers is our reading of Table II (Carlini's code and the TRADES SmallCNN: the first only).
     Stages: the two pooled maps; pooled = second FC layer's activations."""
     fixed_size = True
 
@@ -523,9 +524,10 @@ class PapernotCNN(Classifier):
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(b * side * side, fc), nn.ReLU(), nn.Dropout(dropout),
                                 nn.Linear(fc, fc), nn.ReLU(), nn.Dropout(dropout))
         self.out = nn.Linear(fc, num_classes)
-        # Kaiming-normal weights and zero biases (as the TRADES SmallCNN). PyTorch's default init (uniform,
-        # gain 1/sqrt(3) of Kaiming's) shrinks the activations ~25x over these six plain ReLU layers: the logits
-        # start nearly constant and SGD 0.01 sits at chance for hundreds of steps (README, per-dataset defaults).
+        # Kaiming-normal weights and zero biases on the convolutions and the hidden FC layers (the TRADES SmallCNN:
+        # on its convolutions only, and a zero last layer). PyTorch's default init (uniform, gain 1/sqrt(3) of
+        # Kaiming's) shrinks the activations ~25x over these six plain ReLU layers: the logits start nearly
+        # constant and SGD 0.01 sits at chance for hundreds of steps (README, per-dataset defaults).
         for m in [*self.features1, *self.features2, *self.fc]:
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -640,7 +642,9 @@ def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, targeted=F
     eps, alpha: floats, or (B,) tensors for per-sample strength (InfoARD's adaptive attack).
     loss:   'ce' (cross-entropy on y), 'cw' (logit margin), 'kl' (KL(target || softmax(output)),
             `target` a probability matrix, TRADES-style), or a callable(output, y) -> per-sample losses.
-    random_start: True for U(-eps, eps), 'normal' for 0.001 N(0, 1) (TRADES), False for none.
+    random_start: True for U(-eps, eps) (clamped into [0,1]), 'normal' for 0.001 N(0, 1) with the first gradient
+            taken at the unclamped x + 0.001 N(0, 1), as the TRADES, TRADES-AWP and RSLAD codes do; False for none.
+            Every iterate after a step is projected into the eps-ball and [0,1].
     targeted: move towards class y instead of away from it (descend the CE).
     """
     if steps < 0 or (not torch.is_tensor(eps) and eps < 0):
@@ -649,13 +653,17 @@ def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, targeted=F
         raise ValueError("loss='kl' needs target probabilities")
     eps_b, alpha_b = _per_sample(eps, x), _per_sample(alpha, x)
     x = x.detach()
-    if random_start == "normal":
+
+    def project(d):  # into the eps-ball around x, then into the image range [0,1]
+        d = torch.max(torch.min(d, eps_b), -eps_b) if torch.is_tensor(eps_b) else d.clamp(-eps_b, eps_b)
+        return (x + d).clamp(0, 1) - x
+
+    if random_start == "normal":  # not projected: the reference codes' first gradient is at the unclamped point
         delta = 0.001 * torch.randn_like(x)
     elif random_start:
-        delta = (torch.rand_like(x) * 2 - 1) * eps_b
+        delta = (x + (torch.rand_like(x) * 2 - 1) * eps_b).clamp(0, 1) - x
     else:
         delta = torch.zeros_like(x)
-    delta = ((x + delta).clamp(0, 1) - x)
     for _ in range(steps):
         delta.requires_grad_(True)
         out = model(x + delta)
@@ -671,10 +679,8 @@ def pgd(model, x, y, eps, alpha, steps, loss="ce", random_start=True, targeted=F
             raise ValueError(f"unknown pgd loss '{loss}'")
         grad, = torch.autograd.grad(value.sum() * (-1 if targeted else 1), delta)
         with torch.no_grad():
-            delta = delta + alpha_b * grad.sign()
-            delta = torch.max(torch.min(delta, eps_b), -eps_b) if torch.is_tensor(eps_b) else delta.clamp(-eps_b, eps_b)
-            delta = (x + delta).clamp(0, 1) - x
-    return (x + delta).detach()
+            delta = project(delta + alpha_b * grad.sign())
+    return (x + (delta if steps else project(delta))).detach()
 
 
 ##############################################################################################
@@ -694,6 +700,13 @@ DATASET_DEFAULTS = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends (default: ...) unless the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that fills unset per-dataset flags (DATASET_DEFAULTS) after parsing, once --dataset is known."""
 
@@ -705,10 +718,11 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         keys = {k for table in self.per_dataset.values() for k in table}
         fallback = {a.dest: a.default for a in self._actions if a.dest in keys}
-        for a in self._actions:
-            if a.dest in keys and "[per dataset" not in (a.help or ""):
-                shown = "; ".join(f"{d}: {t[a.dest]}" for d, t in sorted(self.per_dataset.items()) if a.dest in t)
-                a.help = (a.help + " " if a.help else "") + f"[per dataset, {shown}]"
+        for a in self._actions:  # an entry None is resolved by the method itself and not shown
+            if a.dest in keys and a.help != argparse.SUPPRESS and "[per dataset" not in (a.help or ""):
+                shown = "; ".join(f"{d}: {t[a.dest]}" for d, t in sorted(self.per_dataset.items())
+                                  if t.get(a.dest) is not None)
+                a.help = (a.help or "") + (f" [per dataset, {shown}]" if shown else "")
         # argparse leaves attributes already in the namespace alone: None there means "not given"
         ns, rest = super().parse_known_args(args, namespace or argparse.Namespace(**dict.fromkeys(keys)))
         table = self.per_dataset.get(ns.dataset, {})
@@ -727,7 +741,7 @@ class _Parser(argparse.ArgumentParser):
 def base_parser(description, per_dataset=None, **defaults):
     """The flags every method script shares; `defaults` sets the method's own (paper) defaults, `per_dataset`
     ({dataset: {flag: value}}) its own entries of DATASET_DEFAULTS."""
-    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = _Parser(description=description, formatter_class=_HelpFormatter,
                 per_dataset=per_dataset, epilog="Flags marked [per dataset] take the value listed for that dataset "
                 "unless given; the (default: ...) shown is for the other datasets. The method defaults are the "
                 "papers' CIFAR settings, which do not train on MNIST (README, 'Per-dataset defaults').")
@@ -742,7 +756,8 @@ def base_parser(description, per_dataset=None, **defaults):
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="SGD Nesterov momentum")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--schedule", default="piecewise", choices=["piecewise", "cosine", "onecycle", "constant"])
-    p.add_argument("--milestones", type=int, nargs="*", default=[100, 150], help="piecewise: epochs where lr *= gamma")
+    p.add_argument("--milestones", type=int, nargs="*", default=[100, 150],
+                   help="piecewise: lr *= gamma once this many epochs are done (99: from the 100th epoch on)")
     p.add_argument("--gamma", type=float, default=0.1)
     p.add_argument("--eps", type=float, default=None, help="L-inf radius (default: 8/255 CIFAR/SVHN, 0.3 MNIST, 4/255 large)")
     p.add_argument("--alpha", type=float, default=None, help="attack step (default 2.5 eps / steps: 2/255 on CIFAR)")

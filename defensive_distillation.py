@@ -54,8 +54,9 @@ the paper body was not available to us):
     softmax(z_F/T) -> F_d at the same T on soft labels -> deploy at T = 1), the soft-label CE without a
     T^2 factor or hard-label term, T = 100, the Table I architectures (`papernot-mnist`, `papernot-cifar`
     in common.py; the paper's padding is not known [M], we use 'valid' as Carlini's code), dropout 0.5 on
-    the FC layers, batch 128, 50 epochs per stage [S for MNIST, M for CIFAR-10]. The paper sweeps T from
-    1 to 100 [M]; T = 100 is the setting it and its critics study. CIFAR-100 and other archs are ours.
+    the fully connected layers [S], batch 128, 50 epochs per stage [S for MNIST, M for CIFAR-10]. The paper
+    sweeps T from 1 to 100 [M]; T = 100 is the setting it and its critics study. CIFAR-100 and other archs
+    are ours.
   ours / deviations, each a flag:
     * optimiser: Adam, lr 1e-3, for every dataset (as DEEPSEC's CIFAR reproduction [C]). The paper used
       SGD: lr 0.1, momentum 0.5 on MNIST [S]; lr 0.01 with decay, momentum 0.9 decaying by 0.5 after a
@@ -66,8 +67,11 @@ the paper body was not available to us):
       paper's lr 0.1 / momentum 0.5 sat at chance at T = 100 (section 7, old init). Adam is immune to the
       1/T scale: T = 1 97%, T = 100 97%. Paper values: `--optimizer sgd --momentum 0.5 --no-nesterov`
       (MNIST), `--optimizer sgd --lr 0.01 --nesterov` (CIFAR).
-    * schedule: MNIST constant lr [S: no decay]; other datasets halve the lr every 10 epochs (lengstrom's
-      reproduction [C]; the paper's exact CIFAR decay is [M]). Momentum decay is not modelled.
+    * schedule: MNIST constant lr [S: no decay]; other datasets halve the lr every 10 epochs, after epochs
+      10, 20, ... (lengstrom's reproduction [C], 0.5^floor(epoch/10) from epoch 0; the paper's exact CIFAR
+      decay is [M]). Momentum decay is not modelled.
+    * dropout after both hidden FC layers [I] (Carlini's code: after the first only [C]; lengstrom's: after
+      the second [C]).
     * weight decay 0 (none listed in Table II [S]; decay would also fight the T-fold logit growth) [I].
     * augmentation: off by default, as in the paper [S] and Carlini's reproduction [C]; `--augment` turns
       on common's 4-pixel random crop (and flip on CIFAR). It changes clean accuracy, not the masking [I].
@@ -78,6 +82,7 @@ the paper body was not available to us):
       Carlini's setup holds out 5,000 [C]); validating PGD on a masked model is meaningless. The student
       starts from a fresh init (Carlini's code gives both stages one shared init after 1 epoch at T = 1 [C]).
 """
+import argparse
 import math
 import os
 import time
@@ -135,7 +140,12 @@ def get_args(argv=None):
     p = common.base_parser(__doc__.splitlines()[0], epochs=50, batch_size=128, optimizer="adam", momentum=0.9,
                            weight_decay=0.0, arch="papernot-cifar", schedule="piecewise", milestones=None, gamma=0.5,
                            augment=False,  # the paper trains without augmentation
-                           per_dataset={"mnist": dict(epochs=50, schedule="constant", milestones=None)})
+                           per_dataset={"mnist": dict(epochs=50, schedule="constant", milestones=None, eps_warmup=0)})
+    for a in p._actions:  # --help: the milestones' rule; no eps ramp (no attack is trained here)
+        if a.dest == "milestones":
+            a.help = "piecewise: lr *= gamma once this many epochs are done (default: every 10 epochs, 10 20 ...)"
+        if a.dest == "eps_warmup":
+            a.help = argparse.SUPPRESS
     p.add_argument("--temperature", type=float, default=100.0, help="training / distillation temperature T (paper: 100)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="stage-1 epochs (default: --epochs; paper: 50)")
     p.add_argument("--teacher", default=None, help="reuse a stage-1 checkpoint (e.g. <out-dir>/teacher/best.pt); skips stage 1")

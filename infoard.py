@@ -11,15 +11,18 @@ Our reconstruction [P]: ASA gives every training image its own budget eps_i, rem
 moved by how the student copes with it; MIM pulls, besides the logits, the student's pooled features and its
 attention maps towards the teacher's. With p_T = softmax(T(x)), x' the ASA adversarial example:
 
-  ASA   eps_i <- clip(eps_i + gamma [S resists x'(eps_i + gamma)] - gamma [S fails x'(eps_i)], lo, hi) once
-        per epoch (on each visit), eps_i = eps0 in the first --asa-warmup epochs; [lo, hi] = [4/255, 12/255]
-        x'_i  = PGD_10 (step eps_i/4) maximising KL(T(x_i) || S(x'_i)) in ||x'_i - x_i||_inf <= eps_i
+  ASA   per image i a strength eps_i, kept across epochs (eps0 in the first --asa-warmup epochs). On each
+        visit, with e = eps_i clipped to [lo, hi] = [eps0/2, 3 eps0/2] and gamma = eps0 x 1.9/8:
+          up   = S still predicts y on x'(min(e + gamma, hi))          (a probe attack)
+          down = not up, and S errs on x'(e)                          (the training attack, reused)
+          eps_i <- beta clip(e + gamma (up - down), lo, hi) + (1 - beta) e;   the batch trains on x'(e)
+        x'(e) = PGD_10 (step e/4) maximising KL(T(x) || S(x')) in ||x' - x||_inf <= e, S in eval mode
   L   = w_kl  [ 5/6 KL(T(x) || S(x')) + 1/6 KL(T(x) || S(x)) ]                 (RSLAD form, batchmean)
       + w_nce InfoNCE(g_s(z_S(x')), g_t(z_T(x)); tau)                              (I(z_S; z_T) >= log B - L_nce)
       + w_at  sum_{l=1..3} mean (a(S_l(x')) - a(T_l(x)))^2,  a(f) = normalise(vec(mean_c f^2))
 
-"Resists" = S (eval mode) still predicts y. g_s, g_t: linear maps to 128-d, L2-normalised, trained with S,
-not deployed. `--asa conf` is the older teacher-confidence rule eps_i = clip(eps0 (0.5 + p_T(y|x)), lo, hi).
+g_s, g_t: linear maps to 128-d, L2-normalised, trained with S, not deployed. `--asa conf` is the older
+teacher-confidence rule eps_i = clip(eps0 (0.5 + p_T(y|x)), lo, hi).
 RSLAD mode, `--asa off --mim logit` (--inner rslad), is RSLAD's attack and loss (Zi et al., ICCV 2021) at its
 KL scale, w_kl 0.1 by default; it is named `rslad` only at w_kl 0.1, else `rslad-like-wkl<w>`.
 
@@ -42,7 +45,8 @@ The paper's full text and code were not available to us (two searches).
   Confirmed baseline [C]: RSLAD's inner loss, its 5/6-1/6 outer KL at temperature 1 and its 0.001 N(0,1)
     start; its B*C-mean KL (x10 on CIFAR-100), i.e. batchmean/10 on both: w_kl 0.1 here (§6); its TRADES
     WRN-34-10 teacher on CIFAR-10; SGD 0.1, momentum 0.9, wd 2e-4, batch 128, eps 8/255, 10 x 2/255, with
-    ARD/IAD/AdaAD's 200 epochs and x0.1 at 100/150 (RSLAD: 300 epochs).
+    ARD/IAD/AdaAD's 200 epochs and x0.1 after 100 and 150 epochs (ARD's 0-based count, as --milestones;
+    RSLAD: 300 epochs, x0.1 after 215/260/285).
   Reconstructed, ours [P, §2]: every InfoARD rule and constant. The update rule (IAAT's up/down step, Balaji
     et al. 2019, with a per-sample memory), its cost (one probe attack at eps_i + gamma per batch besides the
     training attack, whose result gives "fails"), gamma = eps0 x 1.9/8 (IAAT's 1.9/255 at 8/255), 10 warm-up
@@ -51,6 +55,13 @@ The paper's full text and code were not available to us (two searches).
     negatives (per rank under torchrun: B/world of them), symmetric, tau 0.07 (CRD's), 128-d heads; Attention
     Transfer on the first three stage maps, weight 1000 (RepDistiller's); w_kl = w_nce = 1 outside RSLAD mode
     (KL `batchmean`); the PGD-AT teacher when none is given; best.pt by val PGD-10.
+  ASA against IAAT (Balaji et al. 2019, official trainers/trainer_adaptive.py), whose up/stay/down decision it
+    is. IAAT also: averages, beta 0.1 (--asa-beta; default BETA_WHY); sets the target to 0 for images S
+    misclassifies clean (ours: the floor lo; --asa-zero-misclassified); trains the batch at the new eps_i after
+    a third attack (ours: at the next visit; --asa-apply now); decides on CE attacks with S in train mode
+    (ours: the training attack, eval mode, so it serves twice; --asa-probe ce); has no upper bound, attack
+    step max(e/5, 2/255), and writes eps0 x [S right on x] into the memory during warm-up (ours: hi, e/4, eps0).
+    The bounds follow the --eps-warmup ramp (--asa conf); --asa instance needs --asa-warmup >= --eps-warmup.
 Measured: real MNIST only, small CPU budget (README, Results): InfoARD 91.6% clean / 15.6% AA-lite, RSLAD
 93.2% / 14.0%, one TRADES-AWP teacher, both at w_kl 0.1 (10,000 images, 4 epochs, eps 0.3). No CIFAR yet.
 """
@@ -74,14 +85,33 @@ def asa_eps(teacher_probs_true, eps0, lo, hi):
     return (eps0 * (0.5 + teacher_probs_true)).clamp(lo, hi)
 
 
-def asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa="instance", inner="rslad", eps_range=None,
-               gamma=1.9 / 255, eps_i=None):
-    """Inner maximisation with a per-sample budget; returns (x_adv, eps_i, eps_next). Student in eval mode meanwhile.
+def asa_instance_rule(student, x, y, e, attack, gamma, lo, hi, beta=1.0, zero_wrong=False, x_cur=None):
+    """One visit of --asa instance for a batch at strengths e (B,): returns its new table rows (see the docstring).
 
-    asa:   'instance' attacks at the given eps_i (the batch's table rows) and returns eps_next [P]: a probe attack
-           at eps_i + gamma; up by gamma where S still predicts y there, down where it fails on x_adv (the
-           training attack, reused), else stay; clipped. 2 attacks per batch. 'conf': eps_i from asa_eps;
-           'off': eps_i = eps. eps_next is None unless 'instance'.
+    attack(eps) -> x' is the decision attack; x_cur an attack at e already run (the training attack, reused).
+    The student decides in the mode it is in.
+    """
+    x_cur = attack(e) if x_cur is None else x_cur
+    x_up = attack((e + gamma).clamp(lo, hi))  # the probe one step up
+    with torch.no_grad():
+        up, fails = student(x_up).argmax(1) == y, student(x_cur).argmax(1) != y
+        target = (e + gamma * (up.float() - (fails & ~up).float())).clamp(lo, hi)
+        if zero_wrong:  # IAAT: no attack at all on images the student misclassifies clean
+            target = target * (student(x).argmax(1) == y).float()
+    return beta * target + (1 - beta) * e
+
+
+def asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa="instance", inner="rslad", eps_range=None,
+               gamma=1.9 / 255, eps_i=None, beta=1.0, zero_wrong=False, apply="next", probe="kl"):
+    """Inner maximisation with a per-sample budget; returns (x_adv, eps_i used, new table rows or None).
+    The student attacks in eval mode (a 'ce' probe: train mode) and ends in the mode it came in.
+
+    asa:   'instance': eps_i = the batch's table rows, clipped to [lo, hi] ([0, hi] with zero_wrong), moved by
+           asa_instance_rule [P]. apply 'next': the batch trains at the old eps_i, and its training attack is
+           the rule's attack at eps_i (2 attacks per batch); 'now' (IAAT): decide first, then train the batch
+           at the new eps_i (3 attacks). probe 'kl': the decision attacks are the training attack; 'ce' (IAAT):
+           cross-entropy PGD (uniform start) with the student in train mode (3 attacks).
+           'conf': eps_i from asa_eps; 'off': eps_i = eps.
     inner: 'rslad' maximises KL(T(x) || S(x')), the adversarial term of the outer loss itself (one min-max
            objective; the teacher runs once per batch); 'adaad' maximises KL(T(x') || S(x')), where teacher
            and student disagree most, at the cost of a teacher forward+backward in every step.
@@ -96,7 +126,7 @@ def asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa="instanc
     elif eps_i is None:
         raise ValueError("asa='instance' needs eps_i, this batch's entries of the strength table")
     else:
-        eps_i = eps_i.clamp(lo, hi)
+        eps_i = eps_i.clamp(0.0 if zero_wrong else lo, hi)
 
     def attack(e):
         if inner == "rslad":
@@ -107,12 +137,15 @@ def asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa="instanc
 
     was_training = student.training
     student.eval()  # frozen BN statistics while attacking (RSLAD/AdaAD code)
-    x_adv, eps_next = attack(eps_i), None
+    x_cur, eps_next = None, None
     if asa == "instance":
-        x_up = attack((eps_i + gamma).clamp(lo, hi))
-        with torch.no_grad():
-            up, fails = student(x_up).argmax(1) == y, student(x_adv).argmax(1) != y
-        eps_next = (eps_i + gamma * (up.float() - (fails & ~up).float())).clamp(lo, hi)
+        x_cur = attack(eps_i) if apply == "next" and probe == "kl" else None
+        student.train(probe == "ce")  # IAAT attacks and decides in train mode
+        decide = attack if probe == "kl" else lambda e: common.pgd(student, x, y, e, e * ratio, steps, loss="ce")
+        eps_next = asa_instance_rule(student, x, y, eps_i, decide, gamma, lo, hi, beta, zero_wrong, x_cur)
+        student.eval()
+        eps_i = eps_next if apply == "now" else eps_i
+    x_adv = x_cur if x_cur is not None else attack(eps_i)
     student.train(was_training)
     return x_adv, eps_i, eps_next
 
@@ -191,17 +224,17 @@ class ProjectionHeads(nn.Module):
 
 def infoard_loss(student, teacher, heads, x, y, eps=8 / 255, alpha=2 / 255, steps=10, asa="instance", inner="rslad",
                  eps_range=None, gamma=1.9 / 255, w_kl=1.0, w_nce=1.0, w_at=1000.0, tau=0.07, at_stages=(0, 1, 2),
-                 table=None, idx=None):
+                 table=None, idx=None, asa_options=None):
     """ASA attack + MIM loss for one batch; returns (loss, student logits on x'). The caller keeps the teacher
     in eval mode; it gets no gradient from here. The student ends in the mode it came in; heads may be None
     if w_nce = 0. asa='instance' needs `table` (a tensor of eps_i per training sample, updated in place at
-    rows `idx`, the batch's sample indices)."""
+    rows `idx`, the batch's sample indices); asa_options: asa_attack's beta, zero_wrong, apply, probe."""
     assert not teacher.training, "teacher must be in eval mode (train mode updates its BN statistics)"
     with torch.no_grad():
         t_logits, t_feats = teacher(x, return_features=True)
     eps_i = table[idx] if asa == "instance" else None
     x_adv, _, eps_next = asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa, inner, eps_range, gamma,
-                                    eps_i)
+                                    eps_i, **(asa_options or {}))
     if eps_next is not None:
         table[idx] = eps_next
     s_adv, s_feats = student(x_adv, return_features=True)
@@ -236,6 +269,15 @@ def get_args(argv=None):
     p.add_argument("--asa-gamma", type=float, default=None,
                    help="--asa instance step (default eps x 1.9/8: IAAT's 1.9/255 at eps 8/255, 0.071 on MNIST)")
     p.add_argument("--asa-warmup", type=int, default=10, help="--asa instance: first epochs at eps0, table frozen (ours)")
+    p.add_argument("--asa-beta", type=float, default=1.0, help="--asa instance: eps_i <- beta x the rule's target + "
+                   "(1 - beta) eps_i; 1 moves a whole gamma per visit, 0.1 is IAAT's exponential average")
+    p.add_argument("--asa-zero-misclassified", action="store_true",
+                   help="--asa instance: the target is 0 for images the student misclassifies clean (IAAT) instead "
+                        "of the range's floor")
+    p.add_argument("--asa-apply", default="next", choices=["next", "now"], help="--asa instance: train the batch at "
+                   "its old eps_i and move it for the next visit (2 attacks), or at the new one (IAAT; 3 attacks)")
+    p.add_argument("--asa-probe", default="kl", choices=["kl", "ce"], help="--asa instance decision attacks: the "
+                   "training attack, student in eval mode, or cross-entropy PGD in train mode (IAAT; 3 attacks)")
     p.add_argument("--inner", default="rslad", choices=["rslad", "adaad"],
                    help="attack objective: KL(T(x)||S(x')) or KL(T(x')||S(x')) (ours: rslad)")
     p.add_argument("--mim", default="all", choices=list(MIM), help="which MIM terms are on (logit = RSLAD's loss)")
@@ -257,6 +299,11 @@ def get_args(argv=None):
         raise common.UserError("--nce-tau and --nce-dim must be positive, --asa-gamma and --asa-warmup >= 0")
     if args.asa_range is not None and not 0 <= args.asa_range[0] <= args.asa_range[1]:
         raise common.UserError(f"--asa-range needs 0 <= LO <= HI, got {args.asa_range}")
+    if not 0 < args.asa_beta <= 1:
+        raise common.UserError(f"--asa-beta must be in (0, 1], got {args.asa_beta}")
+    if args.asa == "instance" and args.asa_warmup < args.eps_warmup:  # the table holds unramped strengths
+        raise common.UserError(f"--asa-warmup {args.asa_warmup} is shorter than --eps-warmup {args.eps_warmup:g}: the "
+                               f"strength table would move while the training eps still ramps up; raise --asa-warmup")
     return args
 
 
@@ -318,10 +365,11 @@ def main(argv=None):
     opt, sched = run.optimizer(list(student.parameters()) + (list(heads.parameters()) if heads else []))
     extra = {k: v for k, v in (("heads", heads), ("eps_table", table)) if v is not None}
     trainer = common.Trainer(run, student, opt, sched, method, temperature=1.0, extra_state=extra)
-    cfg = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, inner=args.inner,
-               eps_range=args.asa_range or (0.5 * args.eps, 1.5 * args.eps),  # fixed, not ramped by --eps-warmup
-               gamma=args.asa_gamma, w_kl=args.w_kl, w_nce=args.w_nce, w_at=args.w_at, tau=args.nce_tau,
-               at_stages=args.at_stages)
+    lo, hi = args.asa_range or (0.5 * args.eps, 1.5 * args.eps)
+    cfg = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, inner=args.inner, gamma=args.asa_gamma,
+               w_kl=args.w_kl, w_nce=args.w_nce, w_at=args.w_at, tau=args.nce_tau, at_stages=args.at_stages,
+               asa_options=dict(beta=args.asa_beta, zero_wrong=args.asa_zero_misclassified, apply=args.asa_apply,
+                                probe=args.asa_probe))
     for epoch in trainer.epochs_to_run():
         run.train_loader.set_epoch(epoch)
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
@@ -330,6 +378,8 @@ def main(argv=None):
         for i, batch in enumerate(run.train_loader):
             x, y, idx = batch if table is not None else (*batch, None)
             cfg["eps"], cfg["alpha"] = run.eps_at(epoch, i)  # --eps-warmup ramp (MNIST default)
+            ramp = cfg["eps"] / args.eps if args.eps else 1.0  # ramps --asa conf's range (the table waits for it)
+            cfg["eps_range"] = (lo * ramp, hi * ramp)
             with run.autocast():
                 loss, logits = infoard_loss(train_model, teacher, heads, x, y, asa=asa, table=eps_table, idx=idx, **cfg)
             opt.zero_grad(set_to_none=True)

@@ -18,8 +18,9 @@ The loss, an [I] reconstruction (notes section 6); z(.) = f_S(.) / tau_s everywh
     x_adv = argmax_{|x'-x|_inf <= eps} KL(softmax(z(x)) || softmax(z(x')))   (TRADES inner max, eval mode)
     L     = -sum_k p_t[k] log softmax(z(x))[k]  +  beta * KL(softmax(z(x)) || softmax(z(x_adv)))
 With --no-distill the natural term is CE(f(x), y) and tau_s = 1: TRADES-AWP, the baseline; with also
---no-awp it is the TRADES loss with the TRADES-AWP schedule (200 epochs, wd 5e-4, decays at 100/150), not
-TRADES's own (76 epochs, wd 2e-4, attack step 0.007, decays at 75/90/100): the log says so and the
+--no-awp it is the TRADES loss with the TRADES-AWP schedule (200 epochs, wd 5e-4, decays from the 100th and
+150th epoch), not TRADES's own (76 epochs, wd 2e-4, attack step 0.007, decays from the 75th/90th/100th epoch:
+--milestones 74 89 99): the log says so and the
 checkpoint's args carry `recipe`. That checkpoint is also a TRADES teacher for infoard.py (RSLAD's kind).
 AWP: before each update the weights w (tensors with dim > 1) move to w + v, where
 v = gamma * |w| * g / |g| layer-wise and g = dL/dw. The update is w <- w - lr * grad L(w + v).
@@ -41,12 +42,13 @@ available, only its abstracts):
     tau_s). Versions differ on "different": v1-v3 (2021-2023) and the TMLR submission say the two are
     "different, but fixed"; v4 (Nov 2025) drops "different" (a relatively low teacher temperature, a
     student temperature fixed in training and inference). We follow v4: tau_t == tau_s trains, with a
-    one-line note in the log (until this pass it was an error). The CIFAR-10 AutoAttack logs name the TRADES-AWP code (section 2); a
+    one-line note in the log. The CIFAR-10 AutoAttack logs name the TRADES-AWP code (section 2); a
     "model-best" file was released.
   reconstructed [I], each open choice a flag:
     * the base recipe is the TRADES-AWP code's (section 5: [C] for that code, [I] that LTD kept it):
-      WRN-34-10, 200 epochs, SGD lr 0.1 momentum 0.9 wd 5e-4, batch 128, lr x0.1 at epoch 100 and x0.01
-      at 150, the KL attack with 10 steps of 2/255 in eps 8/255 from x + 0.001 N(0,1) in eval mode,
+      WRN-34-10, 200 epochs, SGD lr 0.1 momentum 0.9 wd 5e-4, batch 128, lr x0.1 from the 100th epoch and
+      x0.01 from the 150th (its 1-based `epoch >= 100`; --milestones counts epochs done: 99 149), the KL
+      attack with 10 steps of 2/255 in eps 8/255, first gradient at x + 0.001 N(0,1) (unclamped), eval mode,
       beta = 6, AWP gamma 5e-3 from epoch 10 on conv/fc weights. The CIFAR-100 log does not name that
       code, so the lineage of the CIFAR-100 model (our default command) is [I]/[U].
     * the loss above: p_t replaces y in the natural term, the teacher sees clean x, and the student is
@@ -60,11 +62,12 @@ available, only its abstracts):
     * best checkpoint chosen by validation PGD-10 accuracy at temperature tau_s (the metric is [U]).
   ours, implementation: the weights are restored before opt.step(), an exact copy. The AWP code
     subtracts v after the step, so the only difference is that weight decay sees w, not w + v. The
-    proxy's SGD step size is not used: it cancels in the layer-wise normalisation. One clean forward
-    serves both the CE and the KL target (the AWP code runs two); an extra no-grad clean forward in train
-    mode then gives BatchNorm the references' updates: adv, clean, clean (TRADES-AWP) or clean, adv, clean
-    (TRADES, --no-awp), so about a third of the deployed running statistics are adversarial, as in the
-    references (until this pass: clean, adv, i.e. about half). The loss is unchanged.
+    proxy's SGD step size is not used: it cancels in the layer-wise normalisation. The references run two
+    clean forwards, for the CE and for the KL target. With dropout active (papernot-mnist) so do we (two
+    masks, both with gradient, the references' order); without dropout the two are equal, so one serves
+    both and a no-grad clean forward in train mode gives BatchNorm the references' updates: adv, clean,
+    clean (TRADES-AWP) or clean, adv, clean (TRADES, --no-awp), so about a third of the deployed running
+    statistics are adversarial, as in the references.
 """
 import argparse
 import copy
@@ -80,40 +83,51 @@ import common
 # ----------------------------------------------------------------------------------------------
 # The method. All of LTD's maths is in ltd_outer_loss (on given logits) and ltd_loss (model forward).
 # ----------------------------------------------------------------------------------------------
-def ltd_outer_loss(z_nat, z_adv, y, beta=6.0, soft=None, soft_on="natural"):
+def ltd_outer_loss(z_nat, z_adv, y, beta=6.0, soft=None, soft_on="natural", z_kl=None):
     """TRADES / LTD outer loss on logits already divided by tau_s.
 
     natural term: CE(z_nat, y), or with teacher soft labels `soft` -sum_k soft_k log softmax(z_nat)_k;
-    robust term:  beta * KL(q || softmax(z_adv)), q = softmax(z_nat) (TRADES), or q = soft with
-                  soft_on 'adversarial' / 'both'. One-hot `soft` (soft_on natural), tau_s = 1: TRADES.
+    robust term:  beta * KL(q || softmax(z_adv)), q = softmax(z_kl) (TRADES; z_kl = z_nat unless given), or
+                  q = soft with soft_on 'adversarial' / 'both'. One-hot `soft` (soft_on natural), tau_s = 1: TRADES.
     """
     logp_nat, logp_adv = F.log_softmax(z_nat.float(), 1), F.log_softmax(z_adv.float(), 1)
     use_nat = soft is not None and soft_on in ("natural", "both")
     use_adv = soft is not None and soft_on in ("adversarial", "both")
     natural = -(soft * logp_nat).sum(1).mean() if use_nat else F.nll_loss(logp_nat, y)
     # TRADES keeps the gradient through the clean target softmax(z(x)): it pulls x and x_adv together.
-    target = soft if use_adv else logp_nat.exp()
+    target = soft if use_adv else (logp_nat.exp() if z_kl is None else F.softmax(z_kl.float(), 1))
     robust = F.kl_div(logp_adv, target, reduction="batchmean")  # sum_k q_k (log q_k - log p_adv_k), mean over batch
     return natural + beta * robust
+
+
+def has_active_dropout(model):
+    """True when a forward of `model` is random: a dropout layer with p > 0 in train mode."""
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
 
 
 def ltd_loss(model, x, x_adv, y, beta=6.0, tau_s=1.0, soft=None, soft_on="natural", bn_order="trades-awp"):
     """Drop-in training loss: (loss, adversarial logits). The model is in train mode; x_adv comes from trades_attack.
 
-    bn_order only decides which train-mode forwards update the BatchNorm running statistics (the loss is the
-    same): 'trades-awp' adv, clean, clean as the TRADES-AWP code; 'trades' clean, adv, clean as the TRADES
-    code; None: clean, adv only. The repeated clean forward runs without gradient (its outputs equal the first).
+    The references run two train-mode clean forwards, one for the natural term and one for the KL target. With
+    dropout active (papernot-mnist) they differ (two masks), so we run both with gradient, as the references do.
+    Without dropout they are equal: one serves both terms and the repeated clean forward (bn_order) runs without
+    gradient, only to give BatchNorm the references' running-statistics updates; the loss is the same.
+    bn_order, the train-mode forward order: 'trades-awp' adv, clean (KL target), clean (natural term), as the
+    TRADES-AWP code; 'trades' clean (natural), adv, clean (KL target), as the TRADES code; None (the AWP proxy's
+    loss, whose statistics are discarded): clean, adv, and the KL target's clean forward only under dropout.
     """
+    dropout = has_active_dropout(model)
+    z = lambda v: model(v).float() / tau_s  # divide in float32, not in bf16 under autocast
     if bn_order == "trades-awp":
-        z_adv = model(x_adv).float() / tau_s
-        z_nat = model(x).float() / tau_s  # divide in float32, not in bf16 under autocast
+        z_adv, z_first = z(x_adv), z(x)  # the first clean forward is the KL target's
+        z_nat, z_kl = (z(x), z_first) if dropout else (z_first, None)
     else:
-        z_nat = model(x).float() / tau_s
-        z_adv = model(x_adv).float() / tau_s
-    if bn_order is not None:
+        z_nat, z_adv = z(x), z(x_adv)
+        z_kl = z(x) if dropout else None  # None: the KL target is softmax(z_nat)
+    if bn_order is not None and not dropout:
         with torch.no_grad():
             model(x)  # the references' second clean forward: one more update of the running statistics
-    return ltd_outer_loss(z_nat, z_adv, y, beta, soft, soft_on), z_adv
+    return ltd_outer_loss(z_nat, z_adv, y, beta, soft, soft_on, z_kl), z_adv
 
 
 def trades_attack(model, x, eps, alpha, steps, tau_s=1.0):
@@ -123,7 +137,7 @@ def trades_attack(model, x, eps, alpha, steps, tau_s=1.0):
     with torch.no_grad():
         p_nat = F.softmax(model(x).float() / tau_s, 1)
     x_adv = common.pgd(lambda v: model(v).float() / tau_s, x, None, eps, alpha, steps, loss="kl", target=p_nat,
-                       random_start="normal")  # start at x + 0.001 N(0, 1), as in the TRADES code
+                       random_start="normal")  # first gradient at x + 0.001 N(0, 1), unclamped, as the TRADES code
     model.train(was_training)
     return x_adv
 
@@ -172,7 +186,8 @@ def get_args(argv=None):
     p = common.base_parser("LTD (Chen & Lee, arXiv:2111.02331) on TRADES-AWP; --no-distill: the TRADES(-AWP) "
                            "baseline", arch="wrn-34-10", epochs=200,
                            # MNIST: TRADES's own MNIST beta; AWP from epoch 2, after the eps ramp
-                           per_dataset={"mnist": dict(beta=1.0, awp_warmup=2)})
+                           per_dataset={"mnist": dict(beta=1.0, awp_warmup=2)},
+                           milestones=[99, 149])  # the TRADES-AWP code's decay from its 100th and 150th epoch
     p.add_argument("--tau-t", type=float, default=0.5,
                    help="teacher temperature, 'relatively low' (value ours); may equal --tau-s (paper v4) or be "
                         "larger or smaller, sweeps allowed; ignored with --no-distill")
@@ -251,8 +266,8 @@ def main(argv=None):
         args.recipe = "TRADES loss with the TRADES-AWP schedule (no AWP)"
     run = common.Run(args, base if args.no_distill else "ltd")
     if run.main and base == "trades":
-        print(f"note: {args.recipe}: {args.epochs} epochs, wd {args.weight_decay:g}, lr x{args.gamma:g} at "
-              f"{args.milestones}; TRADES's own is 76 epochs, wd 2e-4, attack step 0.007, decays at 75/90/100")
+        print(f"note: {args.recipe}: {args.epochs} epochs, wd {args.weight_decay:g}, lr x{args.gamma:g} after "
+              f"epochs {args.milestones}; TRADES's own is 76 epochs, wd 2e-4, attack step 0.007, decays after 74/89/99")
     if run.main and not args.no_distill and args.tau_t == args.tau_s:
         print("note: tau_t == tau_s; allowed since the paper's v4 (2025), whose abstract no longer says 'different'")
     if args.no_distill:

@@ -198,3 +198,13 @@ def test_bad_flags():
     assert (a.arch, a.temperature, a.epochs, a.teacher_epochs, a.batch_size, a.schedule, a.optimizer, a.lr) == \
         ("papernot-mnist", 100.0, 50, 50, 128, "constant", "adam", 1e-3)
     assert dd.get_args(["--dataset", "cifar10"]).arch == "papernot-cifar"
+
+
+def test_help_shows_the_milestone_rule_and_no_eps_ramp(capsys):
+    with pytest.raises(SystemExit):
+        dd.get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: every 10 epochs, 10 20 ...)" in text and "mnist: None" not in text
+    assert "--eps-warmup" not in text  # no attack is trained here
+    a, m = dd.get_args(["--dataset", "cifar10", "--epochs", "35"]), dd.get_args(["--dataset", "mnist"])
+    assert (a.milestones, a.eps_warmup, m.eps_warmup) == ([10, 20, 30], 0, 0)

@@ -113,6 +113,55 @@ def test_asa_off_and_instance_rule_moves_eps_the_right_way():
     assert table.min() >= lo - 1e-7 and table.max() <= hi + 1e-7
 
 
+class CountingThreshold(MeanThreshold):
+    """MeanThreshold that records (train mode, gradient enabled) of every forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append((self.training, torch.is_grad_enabled()))
+        return super().forward(x)
+
+
+def test_instance_rule_options_beta_zero_now_and_ce_probe():
+    """IAAT's choices as options, on a model whose robust radius per sample is known (as above)."""
+    g, lo, hi = 2 / 255, 4 / 255, 12 / 255
+    x = torch.tensor([0.8, 0.8, 0.5 + 9 / 255, 0.8, 0.8, 0.5 + 11 / 255]).view(6, 1, 1, 1).expand(6, 3, 4, 4).clone()
+    y = torch.tensor([0, 1, 0, 0, 1, 0])
+    wrong = torch.tensor([False, True, False, False, True, False])  # misclassified even clean
+    eps_i = torch.tensor([EPS, EPS, EPS, hi, lo, EPS])
+    target = torch.tensor([EPS + g, EPS - g, EPS, hi, lo, EPS + g])  # the up/stay/down decision (previous test)
+    t_logits = 10 * F.one_hot(y, 2).float()
+
+    def run(start=eps_i, **options):
+        model = CountingThreshold().eval()
+        out = infoard.asa_attack(model, None, x, y, t_logits, EPS, 2 / 255, 10, "instance", gamma=g, eps_i=start,
+                                 **options)
+        assert not model.training  # mode restored
+        attacks = [sum(c == (mode, True) for c in model.calls) / 10 for mode in (False, True)]  # eval, train
+        return (*out, attacks)
+
+    x_adv, used, nxt, attacks = run(beta=0.1)  # exponential average towards the decision
+    torch.testing.assert_close(nxt, 0.1 * target + 0.9 * eps_i)
+    assert torch.equal(used, eps_i) and attacks == [2, 0]  # the training attack serves as the decision's
+    _, _, nxt, _ = run(beta=0.5, zero_wrong=True)  # IAAT: no attack for images misclassified clean
+    torch.testing.assert_close(nxt, 0.5 * torch.where(wrong, 0.0, target) + 0.5 * eps_i)
+    zeroed = torch.where(wrong, 0.0, eps_i)
+    assert torch.equal(run(zeroed, zero_wrong=True)[1], zeroed)  # a zeroed row is attacked at 0, not at lo
+    assert torch.equal(run(zeroed)[1], torch.where(wrong, lo, eps_i))  # without the option: the floor lo
+    x_adv, used, nxt, attacks = run(apply="now")  # IAAT: decide first, train this batch at the new eps_i
+    torch.testing.assert_close(nxt, target)
+    assert torch.equal(used, nxt) and attacks == [3, 0]
+    linf = (x_adv - x).flatten(1).abs().amax(1)
+    assert (linf <= nxt + 1e-6).all() and (linf >= nxt - 1e-5).all()
+    x_adv, used, nxt, attacks = run(probe="ce")  # IAAT: decisions from CE attacks in train mode
+    torch.testing.assert_close(nxt, target)
+    assert torch.equal(used, eps_i) and attacks == [1, 2]
+    assert ((x_adv - x).flatten(1).abs().amax(1) >= eps_i - 1e-5).all()
+
+
 def test_info_nce_chance_and_aligned():
     B, tau = 8, 0.07
     same = F.normalize(torch.ones(B, 16), dim=1)  # every negative identical to the positive
@@ -201,6 +250,14 @@ def test_defaults():
     assert (info.eps, info.alpha) == (8 / 255, 2 / 255)
     with pytest.raises(common.UserError, match="asa-range"):
         infoard.get_args(["--asa-range", "0.1", "0.05"])
+    assert (a.asa_zero_misclassified, a.asa_apply, a.asa_probe) == (False, "next", "kl")
+    for bad in (["--asa-beta", "0"], ["--asa-beta", "1.5"]):
+        with pytest.raises(common.UserError, match="asa-beta"):
+            infoard.get_args(bad)
+    # the table holds unramped strengths: it must not move while the training eps ramps up
+    with pytest.raises(common.UserError, match="asa-warmup"):
+        infoard.get_args(["--dataset", "mnist", "--asa-warmup", "0"])  # MNIST ramps over 1 epoch
+    assert infoard.get_args(["--dataset", "mnist", "--asa-warmup", "0", "--asa", "conf"]).asa_warmup == 0
 
 
 def test_teacher_frozen_student_and_heads_learn():
@@ -306,7 +363,7 @@ def test_end_to_end_teacher_distil_evaluate(tmp_path, monkeypatch):
 def test_strength_table_moves_logs_and_survives_resume(tmp_path, monkeypatch):
     small_synthetic(monkeypatch)
     tiny = ["--dataset", "synthetic", "--device", "cpu", "--batch-size", "64", "--val-size", "32", "--steps", "2",
-            "--milestones", "1", "--arch", "wrn-10-1", "--mim", "logit", "--asa-warmup", "1"]
+            "--milestones", "1", "--arch", "wrn-10-1", "--mim", "logit", "--asa-warmup", "1", "--asa-beta", "0.5"]
     from tests.util import pgd_at
     teacher = pgd_at(["--dataset", "synthetic", "--device", "cpu", "--batch-size", "64", "--val-size", "32",
                       "--steps", "1", "--arch", "wrn-10-1", "--out-dir", str(tmp_path / "t")])
@@ -316,8 +373,8 @@ def test_strength_table_moves_logs_and_survives_resume(tmp_path, monkeypatch):
     with open(out / "log.jsonl") as f:
         logs = [json.loads(line) for line in f]
     assert logs[0]["eps_i_mean_255"] == pytest.approx(8) and logs[0]["eps_i_p90_255"] == pytest.approx(8)  # warm-up
-    steps = (table - EPS) / (1.9 / 255)
-    assert (table != EPS).any() and torch.allclose(steps, steps.round(), atol=1e-3)  # moved by whole steps
+    steps = (table - EPS) / (0.5 * 1.9 / 255)
+    assert (table != EPS).any() and torch.allclose(steps, steps.round(), atol=1e-3)  # moved by beta x gamma
     assert steps.abs().max() <= 1 + 1e-3  # one visit per epoch after the warm-up epoch
     assert logs[1]["eps_i_mean_255"] == pytest.approx(table.mean().item() * 255, rel=1e-5)
     assert logs[1]["eps_i_p10_255"] <= logs[1]["eps_i_mean_255"] <= logs[1]["eps_i_p90_255"]
@@ -327,3 +384,10 @@ def test_strength_table_moves_logs_and_survives_resume(tmp_path, monkeypatch):
         (table[idx].clone(), idx.clone())) or loss_fn(*a, table=table, idx=idx, **k))
     infoard.main(tiny + ["--teacher", teacher, "--epochs", "3", "--out-dir", str(out), "--resume"])
     assert len(seen) == 3 and all(torch.equal(rows, table[idx]) for rows, idx in seen)
+    # --asa conf under an eps ramp: its range [eps/2, 3 eps/2] ramps with the training eps
+    ramp = []
+    monkeypatch.setattr(infoard, "infoard_loss", lambda *a, **k: ramp.append((k["eps"], k["eps_range"])) or loss_fn(*a, **k))
+    infoard.main(tiny + ["--teacher", teacher, "--epochs", "1", "--asa", "conf", "--eps-warmup", "1",
+                         "--out-dir", str(tmp_path / "conf")])
+    assert len(ramp) == 3 and ramp[0][0] < ramp[-1][0] == pytest.approx(EPS)
+    assert all(r == pytest.approx((0.5 * e, 1.5 * e)) for e, r in ramp)

@@ -153,7 +153,7 @@ def test_bad_flags_are_user_errors():
             ltd.get_args(bad)
     a = ltd.get_args([])
     assert (a.arch, a.epochs, a.lr, a.batch_size, a.milestones, a.beta, a.awp, a.awp_gamma, a.awp_warmup) == \
-        ("wrn-34-10", 200, 0.1, 128, [100, 150], 6.0, True, 5e-3, 10)
+        ("wrn-34-10", 200, 0.1, 128, [99, 149], 6.0, True, 5e-3, 10)
     assert a.tau_t < a.tau_s
     assert ltd.get_args(["--tau-t", "4", "--tau-s", "1"]).tau_t == 4  # only "different" is required
     assert ltd.get_args(["--no-distill", "--tau-t", "2", "--tau-s", "2"]).no_distill  # taus ignored there
