@@ -1301,10 +1301,11 @@ def build_model_from_checkpoint(path_or_ckpt, device="cpu"):
 def load_teacher(path, run):
     """A frozen teacher from any checkpoint of this project: eval mode, no gradients, temperature 1 (the
     method applies its own temperature explicitly); refuses a checkpoint made for other data."""
-    teacher, ck = build_model_from_checkpoint(path, run.device)
-    if ck["dataset"] != run.args.dataset or ck["num_classes"] != run.info.num_classes:
-        raise UserError(f"teacher {path} is for {ck['dataset']} ({ck['num_classes']} classes), "
+    ck = load_checkpoint(path)
+    if ck.get("dataset") != run.args.dataset or ck.get("num_classes") != run.info.num_classes:
+        raise UserError(f"teacher {path} is for {ck.get('dataset')} ({ck.get('num_classes')} classes), "
                         f"not {run.args.dataset} ({run.info.num_classes} classes)")
+    teacher, _ = build_model_from_checkpoint(ck, run.device)
     teacher.temperature = 1.0
     return run.to_device(teacher).eval().requires_grad_(False)
 
