@@ -11,11 +11,15 @@ Conventions used everywhere:
   * user mistakes raise `UserError`, which the scripts print as one line instead of a traceback.
 """
 import argparse
+import atexit
 import contextlib
+import datetime
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import threading
 import time
@@ -115,6 +119,10 @@ def _folder_classes(root, split):
     classes = sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c)))
     if not classes:
         raise UserError(f"'{d}' has no class sub-directories")
+    empty = [c for c in classes if not _image_files(os.path.join(d, c))]
+    if empty:  # whatever its name: a class without images is never learnt (or never tested)
+        raise UserError(f"class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} in '{d}' hold"
+                        f"{'' if len(empty) > 1 else 's'} no images; add images or remove the folder")
     return classes
 
 
@@ -122,48 +130,116 @@ def _image_files(d):
     return sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
 
 
-def _folder_split(root, split, classes):
+def _folder_split(root, split, classes, size, skip_bad=False):
     """Decode a small-image folder split once into uint8 tensors, cached next to the data (and re-decoded
-    when the file list, sizes or times change)."""
+    when the file list, sizes or times change). Every file is decoded here: one that is not an image, or not
+    `size` (w, h), is named in an error, or left out with `skip_bad` (--skip-bad-images)."""
     from PIL import Image
     files = [(c, f) for c in classes for f in _image_files(os.path.join(root, split, c))]
     stamp = [f"{c}/{f}:{os.path.getsize(p)}:{os.path.getmtime(p)}" for c, f in files
              for p in [os.path.join(root, split, c, f)]]
     cache = os.path.join(root, f".robust-distill-{split}.pt")
+    blob = None
     if os.path.exists(cache):
-        blob = torch.load(cache, weights_only=True)
-        if blob["classes"] == classes and blob.get("stamp") == stamp:
-            return blob["x"], blob["y"]
-    xs, ys = [], []
-    for c, f in files:
-        with Image.open(os.path.join(root, split, c, f)) as im:
-            xs.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
-        ys.append(classes.index(c))
-    if not xs or len({tuple(t.shape) for t in xs}) != 1:
-        raise UserError(f"'{root}/{split}' is empty or its images differ in size")
-    x, y = torch.stack(xs), torch.tensor(ys)
-    try:
-        atomic_save({"x": x, "y": y, "classes": classes, "stamp": stamp}, cache)
-    except (OSError, RuntimeError):
-        pass  # read-only data folder: decode again next time
-    return x, y
+        try:
+            blob = torch.load(cache, map_location="cpu", weights_only=True)
+        except Exception:  # damaged, or not ours: never unpickled beyond tensors and plain values
+            print(f"note: ignoring the unreadable dataset cache {cache}; delete it (it is rebuilt from the images)")
+    if not (isinstance(blob, dict) and blob.get("classes") == classes and blob.get("stamp") == stamp):
+        xs, ys, bad = [], [], []
+        w, h = size
+        for c, f in files:
+            p = os.path.join(root, split, c, f)
+            try:
+                with Image.open(p) as im:
+                    t = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+            except Exception as e:  # zero bytes, not an image, truncated
+                bad.append(f"{p} (not a readable image: {type(e).__name__})")
+                continue
+            if tuple(t.shape[1:]) != (h, w):
+                bad.append(f"{p} ({t.shape[2]}x{t.shape[1]} px; most images are {w}x{h})")
+                continue
+            xs.append(t)
+            ys.append(classes.index(c))
+        _bad_files(bad, root, split, skip_bad)
+        if not xs:
+            raise UserError(f"'{root}/{split}' holds no usable images")
+        blob = {"x": torch.stack(xs), "y": torch.tensor(ys), "classes": classes, "stamp": stamp, "skipped": bad}
+        try:
+            atomic_save(blob, cache)
+        except (OSError, RuntimeError, UserError):
+            pass  # read-only data folder: decode again next time
+    else:
+        _bad_files(blob.get("skipped", []), root, split, skip_bad)
+    return blob["x"], blob["y"]
 
 
-def _first_image_size(root, classes):
+def _bad_files(bad, root, split, skip_bad):
+    """Refuse the unusable files of a folder split by name or, with --skip-bad-images, say which were left out."""
+    if not bad:
+        return
+    n = f"{len(bad)} file{'s' if len(bad) > 1 else ''}"
+    if not skip_bad:
+        raise UserError(f"{n} in '{root}/{split}' cannot be used: {bad[0]}" + (f" and {len(bad) - 1} more"
+                        if len(bad) > 1 else "") + "; fix or remove them, or pass --skip-bad-images")
+    print(f"note: --skip-bad-images left out {n} of '{root}/{split}', e.g. {bad[0]}")
+
+
+def _check_streamed(ds, root, split, skip_bad=False):
+    """Open the header of every file of a streamed tree before training (cheap, no decoding), so that a file
+    which is no image stops the run now, by name, instead of a DataLoader worker minutes into an epoch."""
     from PIL import Image
-    d = os.path.join(root, "train", classes[0])
-    files = _image_files(d)
-    if not files:
-        raise UserError(f"'{d}' holds no images")
-    with Image.open(os.path.join(d, files[0])) as im:
-        return max(im.size)
+    bad = []
+    bar = Progress(len(ds.samples), f"checking {root}/{split}", enabled=len(ds.samples) > 20000)
+    try:
+        for i, (p, _) in enumerate(ds.samples):
+            try:
+                with Image.open(p):
+                    pass
+            except Exception as e:
+                bad.append(f"{p} (not a readable image: {type(e).__name__})")
+            bar.done = i + 1
+    finally:
+        bar.close()
+    _bad_files(bad, root, split, skip_bad)
+    gone = {b.rsplit(" (", 1)[0] for b in bad}
+    ds.samples = ds.imgs = [s for s in ds.samples if s[0] not in gone]
+    ds.targets = [s[1] for s in ds.samples]
 
 
-def load_dataset(name, data_dir=None, train=True):
+_ANNOUNCED = set()  # folder trees whose small/streamed choice was already printed
+
+
+def _folder_image_size(root, classes):
+    """(w, h) that most training images have, from up to ~500 files spread over all classes: the majority,
+    not whichever file sorts first, decides between the small-image and the streamed path."""
+    from PIL import Image
+    files = [os.path.join(root, "train", c, f) for c in classes for f in _image_files(os.path.join(root, "train", c))]
+    sample = files[::max(1, len(files) // 500)]
+    sizes = {}
+    for p in sample:
+        try:
+            with Image.open(p) as im:
+                sizes[im.size] = sizes.get(im.size, 0) + 1
+        except Exception:
+            continue  # an unreadable file is named when its split is decoded or checked
+    if not sizes:
+        raise UserError(f"none of the {len(sample)} files sampled in '{root}/train' is a readable image")
+    size = max(sizes, key=sizes.get)
+    large = max(size) > LARGE_IMAGE
+    if root not in _ANNOUNCED and os.environ.get("RANK", "0") == "0":
+        _ANNOUNCED.add(root)
+        print(f"folder {root}: {sizes[size]} of {sum(sizes.values())} sampled images are {size[0]}x{size[1]} px: "
+              + ("streamed from disk at 224 px (large-image path)" if large else "held in memory (small-image path)"))
+    return size, large
+
+
+def load_dataset(name, data_dir=None, train=True, skip_bad=False):
     """Return (images, labels, DataInfo) for one split.
 
     Small-image sets come back as uint8 NCHW tensors; large folder trees as a torchvision
-    ImageFolder (images=dataset, labels=None), streamed later by a DataLoader.
+    ImageFolder (images=dataset, labels=None), streamed later by a DataLoader. `skip_bad`: leave out folder
+    files that are not readable images (or not the tree's image size) instead of refusing them.
     """
     if name not in DATASETS:
         raise UserError(f"unknown dataset '{name}' (choose from {', '.join(DATASETS)})")
@@ -174,17 +250,21 @@ def load_dataset(name, data_dir=None, train=True):
         if not data_dir:
             raise UserError("--dataset folder needs --data-dir pointing at a train/ and test/ tree")
         classes = _folder_classes(data_dir, "train")
+        if len(classes) < 2:
+            raise UserError(f"'{data_dir}/train' has a single class folder ({classes[0]}); a classifier needs at least 2")
         if _folder_classes(data_dir, "test") != classes:
             raise UserError(f"'{data_dir}/test' and '{data_dir}/train' have different class folders")
-        if _first_image_size(data_dir, classes) > LARGE_IMAGE:
+        size, large = _folder_image_size(data_dir, classes)
+        if large:
             import torchvision.datasets as tvd
             import torchvision.transforms as T
             tf = (T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor()]) if train
                   else T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()]))
             ds = tvd.ImageFolder(os.path.join(data_dir, "train" if train else "test"), transform=tf)
+            _check_streamed(ds, data_dir, "train" if train else "test", skip_bad)
             info = DataInfo("folder", len(classes), 3, 224, IMAGENET_MEAN, IMAGENET_STD, large=True, classes=classes)
             return (ds, None), info
-        x, y = _folder_split(data_dir, "train" if train else "test", classes)
+        x, y = _folder_split(data_dir, "train" if train else "test", classes, size, skip_bad)
         sample = x[::max(1, len(x) // 5000)].float() / 255  # strided: the tree is read class by class
         mean, std = tuple(sample.mean((0, 2, 3)).tolist()), tuple(sample.std((0, 2, 3)).tolist())
         return (x, y), DataInfo("folder", len(classes), x.shape[1], x.shape[2], mean, std, classes=classes)
@@ -307,8 +387,9 @@ def make_loader(data, info, batch_size, device, train=False, workers=8, rank=0, 
 
 def get_loaders(args, device, rank=0, world=1):
     """Train / validation / test loaders and DataInfo. Validation = `--val-size` held-out training images."""
-    (x, y), info = load_dataset(args.dataset, args.data_dir, train=True)
-    test, _ = load_dataset(args.dataset, args.data_dir, train=False)
+    skip = getattr(args, "skip_bad_images", False)
+    (x, y), info = load_dataset(args.dataset, args.data_dir, train=True, skip_bad=skip)
+    test, _ = load_dataset(args.dataset, args.data_dir, train=False, skip_bad=skip)
     n = len(x) if y is not None else len(x.samples)
     if args.val_size < 1:
         raise UserError("--val-size must be at least 1 (the best checkpoint is chosen on these images)")
@@ -327,7 +408,7 @@ def get_loaders(args, device, rank=0, world=1):
         perm = torch.cat([perm[:val_size], rest[:train_size]])
     if y is None:  # streamed tree: keep its own order, validation on a subset of the test transform
         from torch.utils.data import Subset
-        (val_ds, _), _ = load_dataset(args.dataset, args.data_dir, train=False)
+        (val_ds, _), _ = load_dataset(args.dataset, args.data_dir, train=False, skip_bad=skip)
         val_ds.samples = [x.samples[i] for i in perm[:val_size].tolist()]
         val_ds.targets = [s[1] for s in val_ds.samples]
         train, val = (Subset(x, perm[val_size:].tolist()), None), (val_ds, None)
@@ -731,11 +812,31 @@ class _Parser(argparse.ArgumentParser):
                 setattr(ns, k, table.get(k, fallback[k]))
         if ns.lr is None:  # Adam's usual 1e-3 unless a table or the method says otherwise
             ns.lr = 1e-3 if ns.optimizer == "adam" else 0.1
+        for flag, v in (("--epochs", ns.epochs), ("--teacher-epochs", getattr(ns, "teacher_epochs", None))):
+            if v is not None and v < 1:
+                raise UserError(f"{flag} must be >= 1, got {v}")
+        if not (math.isfinite(ns.lr) and ns.lr > 0):
+            raise UserError(f"--lr must be a finite number > 0, got {ns.lr}")
+        if ns.eps is not None:
+            check_eps(ns.eps)
+        if ns.alpha is not None and not (math.isfinite(ns.alpha) and ns.alpha > 0):
+            raise UserError(f"--alpha (the attack step) must be > 0, got {ns.alpha}")
+        if not ns.dist_timeout > 0:
+            raise UserError(f"--dist-timeout must be > 0 seconds, got {ns.dist_timeout}")
+        if ns.resume and ns.overwrite:
+            raise UserError("--resume continues the run in --out-dir, --overwrite replaces it: pass one of them")
         if getattr(ns, "eps_warmup", 0) and ns.eps_warmup < 0:
             raise UserError(f"--eps-warmup must be >= 0 epochs, got {ns.eps_warmup}")
         if ns.optimizer == "sgd" and ns.nesterov and ns.momentum <= 0:
             raise UserError("--nesterov needs --momentum > 0 (or pass --no-nesterov)")
         return ns, rest
+
+
+def check_eps(eps, flag="--eps"):
+    """eps is in the pixel units of [0, 1] images (8/255 = 0.0314); a value written in /255 units gets a hint."""
+    if not (math.isfinite(eps) and 0 <= eps <= 1):
+        hint = f" (did you mean {eps:g}/255 = {eps / 255:.4f}?)" if 1 < eps <= 255 else ""
+        raise UserError(f"{flag} must be >= 0 and <= 1 (pixel units of [0, 1] images), got {eps:g}{hint}")
 
 
 def base_parser(description, per_dataset=None, **defaults):
@@ -770,7 +871,8 @@ def base_parser(description, per_dataset=None, **defaults):
     p.add_argument("--train-size", type=int, default=None,
                    help="train on a fixed random subset of N images (taken after the validation hold-out)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=None, help="default: runs/<method>-<dataset>-<arch>")
+    p.add_argument("--out-dir", default=None, help="default: runs/<method>-<dataset>-<arch>, plus -seed<N> and "
+                   "-eps<E> when --seed or --eps is given (one run per out-dir)")
     p.add_argument("--workers", type=int, default=8, help="CPU loader workers (large-image folders only)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast on any device (default: on for CUDA, off for CPU)")
@@ -778,9 +880,121 @@ def base_parser(description, per_dataset=None, **defaults):
                    help="NHWC memory format for models and batches (default: on for CUDA, off for CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir (its best.pt, "
+                   "last.pt and log.jsonl are deleted at start); without it or --resume a used out-dir is refused")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="folder trees: leave out files that are not readable images (or not the tree's image size)")
+    p.add_argument("--dist-timeout", type=float, default=300,
+                   help="torchrun: seconds a process waits for the others in a collective before the job stops")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     p.set_defaults(**defaults)
     return p
+
+
+RUN_FILES = ("best.pt", "last.pt", "log.jsonl")  # what makes a directory hold a run
+
+
+def default_out_dir(method, args):
+    """runs/<method>-<dataset>-<arch>, plus what sets this run apart when given: -seed<N>, -eps<E>."""
+    return os.path.join("runs", f"{method}-{args.dataset}-{args.arch}" + (f"-seed{args.seed}" if args.seed else "")
+                        + (f"-eps{args.eps:.4g}" if args.eps is not None else ""))
+
+
+def claim_out_dir(args):
+    """Make --out-dir this run's own before any work: a writable directory, locked by this process (a lock file
+    with its PID; one whose process is gone is taken over). A previous run's files there (or in teacher/, unless
+    --teacher names a checkpoint to reuse) stop the command unless --resume continues them or --overwrite deletes them."""
+    d = args.out_dir
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise UserError(f"--out-dir {d} is a file, not a directory")
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise write_error(e, d) from None
+    _lock(d)  # creating the lock file also proves the directory writable
+    dirs = [d] if getattr(args, "teacher", None) else [d, os.path.join(d, "teacher")]
+    found = [os.path.join(x, f) for x in dirs for f in RUN_FILES if os.path.exists(os.path.join(x, f))]
+    if found and not args.resume:
+        names = ", ".join(os.path.relpath(f, d) for f in found)
+        if not args.overwrite:
+            raise UserError(f"{d} already holds a run ({names}); pass --resume to continue it, --overwrite to "
+                            f"replace it, or another --out-dir")
+        for f in found:
+            os.remove(f)
+        print(f"--overwrite: deleted the previous run's {names} in {d}")
+
+
+def _lock(d):
+    path = os.path.join(d, ".lock")
+    try:
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid = _lock_pid(path)
+                if pid not in (None, os.getpid()) and _alive(pid):
+                    raise UserError(f"{d} is in use by a running process (PID {pid}, see {path}); let it finish, "
+                                    f"or pass another --out-dir") from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)  # its process is gone (or it is ours): take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            atexit.register(_unlock, path)
+            return
+    except OSError as e:
+        raise write_error(e, path) from None
+
+
+def _lock_pid(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _unlock(path):
+    if _lock_pid(path) == os.getpid():
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def _alive(pid):
+    if os.name != "posix":
+        return False  # no harmless probe elsewhere: a lock or temporary file is then taken over
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_tmp(d):
+    """Delete the `*.tmp<pid>` files a killed atomic_save left in `d` (their process is gone)."""
+    for f in os.listdir(d):
+        head, _, pid = f.rpartition(".tmp")
+        if head and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(d, f))
+
+
+def exit_with_launcher():
+    """Under torchrun on Linux: the kernel stops this worker (SIGTERM) when the launcher dies, so a killed
+    launcher leaves no orphan workers training on and writing into the out-dir."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died just before
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Run:
@@ -799,8 +1013,13 @@ class Run:
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=args.dist_timeout))  # a hung rank stops the job
+            exit_with_launcher()
         self.main = self.rank == 0
+        args.out_dir = args.out_dir or default_out_dir(method, args)
+        if self.main:
+            claim_out_dir(args)  # before data and training: a used, locked or unwritable out-dir stops here
         seed_everything(args.seed + self.rank)
         # The GPU path is one decision each, on any device (the CPU runs it with --amp --channels-last);
         # the resolved values go back into args, so every checkpoint records the precision it trained in.
@@ -810,9 +1029,6 @@ class Run:
         self.train_loader, self.val_loader, self.test_loader, self.info = get_loaders(args, self.device, self.rank, self.world)
         args.eps = self.info.eps if args.eps is None else args.eps
         args.alpha = 2.5 * args.eps / max(args.steps, 1) if args.alpha is None else args.alpha
-        args.out_dir = args.out_dir or os.path.join("runs", f"{method}-{args.dataset}-{args.arch}")
-        if self.main:
-            os.makedirs(args.out_dir, exist_ok=True)
 
     def autocast(self):
         """bf16 autocast on this run's device with --amp (the default on CUDA); a no-op otherwise."""
@@ -990,15 +1206,54 @@ def evaluate_accuracy(model, loader, eps, alpha, steps=10, amp=None):
     return correct / max(total, 1), robust / max(total, 1)
 
 
+def count_nonfinite(model, loader):
+    """Images of `loader` whose float32 logits hold NaN or inf, summed over ranks. Such a model is broken:
+    argmax would read its NaN logits as class 0 and score it like any other model."""
+    was_training = model.training
+    model.eval()
+    bad = sum((~torch.isfinite(predict_logits(model, x))).any(1).sum().item() for x, _ in loader)
+    model.train(was_training)
+    return int(_all_sum([bad], next(model.parameters()).device)[0])
+
+
 def atomic_save(obj, path):
-    """torch.save to a temporary file next to `path`, then rename: a crash never leaves a half file."""
+    """torch.save to a temporary file next to `path`, then rename: a crash never leaves a half file, and a
+    failed write (a full disk, ...) is one line (UserError) while the previous file at `path` stays intact."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        raise write_error(e, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_error(e, path):
+    """A failed write of `path` as a UserError; a full disk says so (torch.save reports it as a stream error)."""
+    d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    full = getattr(e, "errno", None) == errno.ENOSPC
+    if not full and isinstance(e, RuntimeError):
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(d).free < 2 ** 20
+    why = (f"no space left on {d}" if full else getattr(e, "strerror", None)
+           or (str(e).splitlines() or [type(e).__name__])[0][:200])
+    kept = "; the previous file is intact" if os.path.isfile(path) and path.endswith(".pt") else ""
+    return UserError(f"could not write {path}: {why}{kept}")
+
+
+def check_writable_dir(d, what):
+    """Fail fast: `d` must be an existing directory that takes a new file (a probe file is written and deleted)."""
+    if not os.path.isdir(d):
+        raise UserError(f"{what}: the directory {d} does not exist")
+    probe = os.path.join(d, f".write-test.tmp{os.getpid()}")
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{what}: {write_error(e, d)}") from None
 
 
 def _plain(v):
@@ -1017,13 +1272,22 @@ def make_checkpoint(model, args, info, method, epoch, metrics, temperature=1.0):
 
 
 def load_checkpoint(path):
-    """Read a checkpoint safely (weights_only=True), with a clear error for missing or foreign files."""
+    """Read a checkpoint safely (weights_only=True). Any failure is our own one-line UserError naming the reason
+    (missing, empty, truncated, not a torch file, or refused because loading it would run code)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path} is not a robust-distill checkpoint: the file is empty (0 bytes)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # torch's own text would advise weights_only=False, i.e. running the file's code
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's archive format
+        why = ("refused because loading it would run code (it holds Python objects, not only tensors and plain "
+               "values); nothing was loaded" if "GLOBAL" in str(e) else
+               "the file is truncated or damaged (an incomplete torch.save archive)" if zipped else
+               "not a file written by torch.save (or a damaged one)")
+        raise UserError(f"{path} is not a robust-distill checkpoint: {why}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     return ckpt
@@ -1032,13 +1296,20 @@ def load_checkpoint(path):
 def build_model_from_checkpoint(path_or_ckpt, device="cpu"):
     """Rebuild exactly the deployed model (eval mode, checkpoint temperature). Returns (model, checkpoint)."""
     ckpt = load_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, str) else path_or_ckpt
+    name = path_or_ckpt if isinstance(path_or_ckpt, str) else "the checkpoint"
+    missing = [k for k in ("model", "arch", "dataset", "num_classes", "method", "args", "epoch", "metrics") if k not in ckpt]
+    missing += [f"model.{k}" for k in ("mean", "std") if not missing and k not in ckpt["model"]]
+    if missing:
+        raise UserError(f"{name} is not a complete {CHECKPOINT_FORMAT} checkpoint: it lacks {', '.join(missing)}")
     state = ckpt["model"]
     model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt.get("in_channels", 3), ckpt.get("image_size", 32),
                         state["mean"].flatten().tolist(), state["std"].flatten().tolist())
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not fit arch '{ckpt['arch']}': {str(e).splitlines()[0][:200]}") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise UserError(f"checkpoint weights do not fit arch '{ckpt['arch']}': "
+                        f"{(lines[1:] or lines or [type(e).__name__])[0][:200]}") from None
     model.temperature = float(ckpt.get("temperature", 1.0))
     return model.to(device).eval(), ckpt
 
@@ -1047,8 +1318,8 @@ def load_teacher(path, run):
     """A frozen teacher from any checkpoint of this project: eval mode, no gradients, temperature 1 (the
     method applies its own temperature explicitly); refuses a checkpoint made for other data."""
     ck = load_checkpoint(path)
-    if ck["dataset"] != run.args.dataset or ck["num_classes"] != run.info.num_classes:
-        raise UserError(f"teacher {path} is for {ck['dataset']} ({ck['num_classes']} classes), "
+    if ck.get("dataset") != run.args.dataset or ck.get("num_classes") != run.info.num_classes:
+        raise UserError(f"teacher {path} is for {ck.get('dataset')} ({ck.get('num_classes')} classes), "
                         f"not {run.args.dataset} ({run.info.num_classes} classes)")
     teacher, _ = build_model_from_checkpoint(ck, run.device)
     teacher.temperature = 1.0
@@ -1074,8 +1345,11 @@ class Trainer:
                 for t in obj.state_dict().values() if isinstance(obj, nn.Module) else ():
                     dist.broadcast(t, 0)
         self.start_epoch, self.best, self.t0 = 0, -1.0, time.time()
+        self.saved_epoch = None  # epoch (1-based) of the last.pt on disk: the "last good checkpoint"
+        self.resumes = []  # one entry per --resume: the epoch it continued at and the flags it changed
         if run.main:
             os.makedirs(self.out_dir, exist_ok=True)
+            remove_stale_tmp(self.out_dir)
         if run.args.resume:
             self._resume()
 
@@ -1083,26 +1357,96 @@ class Trainer:
     def done(self):
         return self.start_epoch >= self.epochs
 
+    # Flags a resumed run may change (they take effect and are logged), except these, which --resume ignores:
+    RESUME_IGNORES = ("resume", "overwrite", "out_dir", "device", "workers", "compile", "dist_timeout")
+
     def _resume(self):
+        """Continue from last.pt: refuse one written by another run (method, arch, data, optimizer, batch, number of
+        processes); restore weights, optimizer, schedule and every rank's RNG. Flags changed since then (lr,
+        epochs, ...) take effect: the optimizer gets the command's hyperparameters and the schedule its base lr."""
+        r, a = self.run, self.run.args
         path = os.path.join(self.out_dir, "last.pt")
         if not os.path.exists(path):
-            if self.run.main:
+            if r.main:
                 print(f"--resume: no {path} yet, starting from scratch")
+                self._trim_log(0)
             return
         ckpt = load_checkpoint(path)
-        unwrap(self.model).load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.sched.load_state_dict(ckpt["schedule"])
-        for name, obj in self.extra_state.items():
-            try:
+        missing = [k for k in ("model", "optimizer", "schedule", "rng", "epoch", "metrics", "args") if k not in ckpt]
+        if missing:
+            raise UserError(f"{path} cannot be resumed: it lacks {', '.join(missing)} (only a last.pt can)")
+        saved, now = ckpt["args"], {k: _plain(v) for k, v in vars(a).items()}
+        rng = ckpt["rng"] if isinstance(ckpt["rng"], dict) else {"cpu": [ckpt["rng"]] * r.world}  # older: rank 0's only
+        checks = [("method", ckpt.get("method"), self.method),
+                  ("arch", ckpt.get("arch"), getattr(unwrap(self.model), "arch", a.arch)),
+                  ("dataset", ckpt.get("dataset"), a.dataset), ("classes", ckpt.get("num_classes"), r.info.num_classes),
+                  *((f"--{k.replace('_', '-')}", saved.get(k), now.get(k))
+                    for k in ("optimizer", "batch_size", "train_size", "val_size")),
+                  ("processes", len(rng["cpu"]), r.world)]
+        wrong = [f"{k} {old} (this command: {new})" for k, old, new in checks if old != new]
+        if wrong:
+            raise UserError(f"{path} belongs to another run: {', '.join(wrong)}; resume it with its own settings, "
+                            f"or pass --overwrite to replace it, or another --out-dir")
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
+        try:
+            unwrap(self.model).load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.sched.load_state_dict(ckpt["schedule"])
+            for name, obj in self.extra_state.items():
                 obj.load_state_dict(ckpt["extra"][name])
-            except (KeyError, RuntimeError) as e:
-                raise UserError(f"{path} was written by a run with other settings ({name}: {type(e).__name__}); "
-                                f"resume with the same flags or use another --out-dir") from None
-        torch.set_rng_state(ckpt["rng"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise UserError(f"{path} was written by a run with other settings ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:120]}); resume with the same flags or use another "
+                            f"--out-dir") from None
+        # The command's hyperparameters win over the saved ones; the lr through the schedule's base lr.
+        for g, f in zip(self.opt.param_groups, fresh):
+            g.update({k: v for k, v in f.items() if k != "lr"})
+        self.sched.base_lrs = [f["initial_lr"] for f in fresh]
+        for g, base, factor in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas):
+            g["lr"] = base * factor(self.sched.last_epoch)
+        torch.set_rng_state(rng["cpu"][r.rank])
+        if r.device.type == "cuda" and rng.get("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"][r.rank], r.device)
         self.start_epoch, self.best = ckpt["epoch"] + 1, ckpt["metrics"].get("best", -1.0)
-        if self.run.main:
+        self.saved_epoch = ckpt["epoch"] + 1
+        changed = {k: [saved[k], v] for k, v in now.items()
+                   if k in saved and k not in self.RESUME_IGNORES and saved[k] != v}
+        self.resumes = list(ckpt.get("resumes", [])) + [{"at_epoch": self.start_epoch + 1, "changed": changed}]
+        if r.main:
+            self._trim_log(self.saved_epoch)
+            if self.done:
+                print(f"resumed from {path}: this stage is complete ({self.saved_epoch}/{self.epochs} epochs)")
+                return
             print(f"resumed from {path}: continuing at epoch {self.start_epoch + 1}/{self.epochs}")
+            if changed:
+                print(f"--resume: changed since {os.path.basename(path)}, in effect from epoch {self.start_epoch + 1}: "
+                      + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items()))
+
+    def _trim_log(self, epochs_kept):
+        """One log line per epoch: drop lines of epochs after the checkpoint (logged, then killed before the save)."""
+        path = os.path.join(self.out_dir, "log.jsonl")
+        if not os.path.exists(path):
+            return
+        keep = []
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):  # a line torn by a kill is dropped too
+                    if json.loads(line).get("epoch", 0) <= epochs_kept:
+                        keep.append(line.rstrip("\n") + "\n")
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise write_error(e, path) from None
+
+    def _diverged(self, what, epoch):
+        last = os.path.join(self.out_dir, "last.pt")
+        good = (f"last good checkpoint: {last} (epoch {self.saved_epoch})" if self.saved_epoch
+                else "no checkpoint of this stage was saved yet")
+        return UserError(f"{what} in epoch {epoch + 1}; lower --lr or check the data; nothing of this epoch was "
+                         f"saved ({good})")
 
     def epochs_to_run(self):
         return range(self.start_epoch, self.epochs)
@@ -1114,14 +1458,23 @@ class Trainer:
         loss_sum, correct, seen = _all_sum([float(loss_sum), float(correct), float(seen)], r.device)
         loss = loss_sum / max(seen, 1)
         if not math.isfinite(loss):
-            raise UserError(f"training loss became {loss} in epoch {epoch + 1}; lower --lr or check the data "
-                            f"(last good checkpoint: {os.path.join(self.out_dir, 'last.pt')})")
+            raise self._diverged(f"training loss became {loss}", epoch)
         steps = 0 if self.select == "clean" else 10
         m = eval_model or unwrap(self.model)
         t_m = m.temperature
         m.temperature = self.temperature  # validate the model as it will be deployed
         val_clean, val_pgd = evaluate_accuracy(m, r.val_loader, a.eps, a.alpha, steps, r.autocast())
         m.temperature = t_m
+        bad = count_nonfinite(m, r.val_loader)  # a NaN model is never saved, as best or as last
+        if bad:
+            raise self._diverged(f"the model outputs NaN/inf on {bad} validation images", epoch)
+        state = {"cpu": torch.get_rng_state()}  # every rank's RNG, so a resume continues each rank's stream
+        if r.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(r.device)
+        states = [state]
+        if dist.is_initialized():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
         secs = time.time() - t_start
         lr = self.opt.param_groups[0]["lr"]
         score = val_clean if self.select == "clean" else val_pgd + 1e-6 * val_clean  # ties: the cleaner model
@@ -1136,14 +1489,20 @@ class Trainer:
                   f"val clean {100 * val_clean:.2f}%" + (f"  val pgd10 {100 * val_pgd:.2f}%" if steps else "")
                   + f"  lr {lr:.4g}  {secs:.1f}s  {metrics['images_per_s']:.0f} img/s  eta {eta / 60:.1f} min"
                   + "".join(f"  {k} {v:.4g}" for k, v in (extra or {}).items()), flush=True)
-            with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            try:
+                with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            except OSError as e:
+                raise write_error(e, os.path.join(self.out_dir, "log.jsonl")) from None
             ckpt = make_checkpoint(self.model, a, r.info, self.method, epoch, metrics, self.temperature)
+            ckpt["resumes"] = self.resumes
             if improved:
                 atomic_save(ckpt, os.path.join(self.out_dir, "best.pt"))
-            ckpt.update(optimizer=self.opt.state_dict(), schedule=self.sched.state_dict(), rng=torch.get_rng_state(),
+            rng = {k: [s[k] for s in states] for k in state}
+            ckpt.update(optimizer=self.opt.state_dict(), schedule=self.sched.state_dict(), rng=rng,
                         extra={k: v.state_dict() for k, v in self.extra_state.items()})
             atomic_save(ckpt, os.path.join(self.out_dir, "last.pt"))
+        self.saved_epoch = epoch + 1
         return metrics
 
     def finish(self):

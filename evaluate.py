@@ -377,6 +377,7 @@ def get_args(argv=None):
     p.add_argument("--examples", default=None, help="write a PNG grid of clean vs adversarial images")
     p.add_argument("--dataset", default=None, help="override the checkpoint's dataset")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--skip-bad-images", action="store_true", help="folder trees: leave out unreadable files")
     p.add_argument("--device", default=None)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="attack gradients under bf16 autocast (quicker, labelled bf16; decisions stay float32)")
@@ -396,7 +397,7 @@ def evaluate(args):
     model, ck = common.build_model_from_checkpoint(args.checkpoint, device)
     dataset = args.dataset or ck["dataset"]
     data_dir = args.data_dir or ck["args"].get("data_dir", "./data")
-    (xs, ys), info = common.load_dataset(dataset, data_dir, train=False)
+    (xs, ys), info = common.load_dataset(dataset, data_dir, train=False, skip_bad=args.skip_bad_images)
     if (info.num_classes, info.channels, info.size) != (ck["num_classes"], ck.get("in_channels", 3), ck.get("image_size", 32)):
         raise common.UserError(f"dataset mismatch: checkpoint expects {ck['num_classes']} classes of "
                                f"{ck.get('in_channels', 3)}x{ck.get('image_size', 32)}px ({ck['dataset']}), but "
@@ -406,11 +407,19 @@ def evaluate(args):
         if name not in ATTACKS:
             raise common.UserError(f"unknown attack '{name}' (choose from {', '.join(ATTACKS)})")
     for flag, v in (("--transfer-steps", args.transfer_steps), ("--batch-size", args.batch_size), ("--n", args.n),
-                    ("--diagnose-n", args.diagnose_n), ("--apgd-iters", args.apgd_iters)):
+                    ("--diagnose-n", args.diagnose_n), ("--apgd-iters", args.apgd_iters),
+                    ("--square-queries", args.square_queries)):
         if v is not None and v < 1:
             raise common.UserError(f"{flag} must be >= 1, got {v}")
-    if args.eps is not None and args.eps < 0:
-        raise common.UserError(f"--eps must be >= 0, got {args.eps}")
+    if args.eps is not None:
+        common.check_eps(args.eps)
+    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise common.UserError(f"--alpha (the PGD step) must be > 0, got {args.alpha}")
+    # before any attack: the report and the grid must have somewhere to go
+    for flag, path in (("--json", args.json or os.path.splitext(args.checkpoint)[0] + ".eval.json"),
+                       ("--examples", args.examples)):
+        if path:
+            common.check_writable_dir(os.path.dirname(os.path.abspath(path)), flag)
     if "autoattack" in names and official_autoattack() is None:
         raise common.UserError("--attacks autoattack needs the official package installed: fra31/auto-attack "
                                "(imports as autoattack) or its PyPI copy pyautoattack")
@@ -450,6 +459,10 @@ def evaluate(args):
         for b, (x, y) in enumerate(loader):
             so_far = f"robust so far {100 * robust_after[names[-1]] / bar.done:.1f}%  " if names and bar.done else ""
             status = lambda what: setattr(bar, "note", f"{so_far}[batch {b + 1}/{nb}: {what}]")
+            bad = (~torch.isfinite(predict_logits(model, x))).any(1).sum().item()
+            if bad:  # argmax would read NaN as class 0: scored, it would look as robust as it is accurate
+                raise common.UserError(f"{args.checkpoint}: the model outputs NaN/inf on {bad} of {len(y)} test images: "
+                                       f"it is broken, not robust (retrain it, e.g. with a lower --lr)")
             alive, x_show = cascade(model, x, y, names, attack, eps, autocast, seconds, status)
             correct += alive["clean"].sum().item()
             per_image["clean"] += alive["clean"].tolist()

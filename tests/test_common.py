@@ -299,7 +299,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     with pytest.raises(common.UserError, match="checkpoint not found: .*nope.pt"):
         common.load_checkpoint(str(tmp_path / "nope.pt"))
     (tmp_path / "bad.pt").write_bytes(b"definitely not a checkpoint")
-    with pytest.raises(common.UserError, match="cannot read checkpoint .*bad.pt"):
+    with pytest.raises(common.UserError, match="bad.pt is not a robust-distill checkpoint: not a file written by torch"):
         common.load_checkpoint(str(tmp_path / "bad.pt"))
     torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
     with pytest.raises(common.UserError, match="not a robust-distill/1 checkpoint"):
@@ -373,8 +373,9 @@ def test_per_dataset_defaults_apply_only_where_not_given():
     assert (a.arch, a.epochs, a.optimizer, a.lr, a.eps_warmup) == ("wrn-34-10", 200, "sgd", 0.1, 0)
 
 
-def test_eps_warmup_ramps_linearly():
-    args = common.base_parser("t").parse_args(TINY + ["--eps-warmup", "2", "--eps", "0.2", "--alpha", "0.04"])
+def test_eps_warmup_ramps_linearly(tmp_path):
+    args = common.base_parser("t").parse_args(TINY + ["--eps-warmup", "2", "--eps", "0.2", "--alpha", "0.04",
+                                                      "--out-dir", str(tmp_path)])
     run = common.Run(args, "t")  # 448 images / batch 64 = 7 batches per epoch
     assert run.eps_at(0, 6) == pytest.approx((0.1, 0.02))
     assert run.eps_at(1, 6) == pytest.approx((0.2, 0.04)) and run.eps_at(5, 0) == pytest.approx((0.2, 0.04))
@@ -393,7 +394,7 @@ def test_unsafe_pickles_are_refused(tmp_path):
         def __reduce__(self):
             return (os.system, ("echo pwned",))
     torch.save({"format": common.CHECKPOINT_FORMAT, "x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(common.UserError, match="cannot read checkpoint"):
+    with pytest.raises(common.UserError, match="refused because loading it would run code"):
         common.load_checkpoint(str(tmp_path / "evil.pt"))
 
 

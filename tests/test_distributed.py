@@ -154,6 +154,8 @@ def test_method_under_torchrun_writes_once_and_evaluates(ranks, tmp_path):
         epochs = [json.loads(line)["epoch"] for line in f]
     assert epochs == list(range(1, EPOCHS + 1))  # one line per epoch, not one per rank
     assert stdout.count("[at_alp] epoch 1/") == 1  # only rank 0 prints
+    rng = common.load_checkpoint(os.path.join(alp, "last.pt"))["rng"]["cpu"]
+    assert len(rng) == 2 and not torch.equal(rng[0], rng[1])  # every rank's own RNG state, for --resume
     args = common.load_checkpoint(r0["best"])["args"]
     assert args["amp"] and args["channels_last"]  # trained on the GPU path
     import evaluate

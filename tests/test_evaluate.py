@@ -199,7 +199,7 @@ def test_end_to_end_errors_are_clear(checkpoint, tmp_path):
     with pytest.raises(common.UserError, match="checkpoint not found"):
         evaluate.main([str(tmp_path / "nope.pt")])
     (tmp_path / "corrupt.pt").write_bytes(b"\x80\x02garbage")
-    with pytest.raises(common.UserError, match="cannot read checkpoint"):
+    with pytest.raises(common.UserError, match="corrupt.pt is not a robust-distill checkpoint"):
         evaluate.main([str(tmp_path / "corrupt.pt")])
     from PIL import Image
     for split in ("train", "test"):
