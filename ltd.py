@@ -130,9 +130,11 @@ def trades_attack(model, x, eps, alpha, steps, tau_s=1.0):
 
 @torch.no_grad()
 def teacher_soft_labels(teacher, x, tau_t):
-    """p_t = softmax(f_T(x) / tau_t) from a frozen teacher in eval mode (its own .temperature must be 1)."""
+    """p_t = softmax(f_T(x) / tau_t) from a frozen teacher in eval mode (its own .temperature must be 1). The
+    teacher runs in float32 even inside the student's bf16 autocast: at tau_t = 0.5 bf16 logits' rounding doubles."""
     assert not teacher.training, "the teacher must be in eval mode (train mode would update its BN statistics)"
-    return F.softmax(teacher(x).float() / tau_t, 1)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.softmax(teacher(x).float() / tau_t, 1)
 
 
 def awp_perturb(model, proxy, loss_fn, gamma):
