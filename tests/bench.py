@@ -121,7 +121,7 @@ def make_step(model, train_model, opt, sched, attack, autocast):
 
 
 def images_per_s(step, batches, batch_size, warmup, measured, device):
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         step(*next(batches))
     sync()

@@ -125,7 +125,7 @@ def unit_cost(a, info, amp):
     model = common.model_for(a.arch, info).to(device)
     bs = 64 if device.type == "cuda" else 16
     x, y = torch.rand(bs, info.channels, info.size, info.size, device=device), torch.zeros(bs, dtype=torch.long, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(4):  # the fastest of 3 after a warm-up: robust to a busy machine
         sync()
@@ -143,9 +143,9 @@ def estimate(a, runs):
     n_all = len(x) if y is not None else len(x.samples)
     val = min(1000, n_all // 5)
     n_train = a.train_size or n_all - val
-    cuda = torch.device(a.device).type == "cuda"
     # x2: what a bare forward+backward leaves out (projections, optimizer, loaders, Python, a busy machine)
-    train_unit, eval_unit = 2 * unit_cost(a, info, cuda), 2 * unit_cost(a, info, False)  # evaluate.py: float32
+    train_unit = 2 * unit_cost(a, info, common.native_bf16(a.device))  # the scripts' default precision there
+    eval_unit = 2 * unit_cost(a, info, False)  # evaluate.py: float32
     ev = evaluate.get_args(["model.pt"] + shlex.split(a.eval_args))
     # AA-lite: APGD-CE on all, APGD-T (9 targets) on the ~half still robust; diagnostics: ~240 attack steps
     # plus min(1000, queries) Square forwards (a third of a forward+backward each)
