@@ -29,7 +29,7 @@ Run (teacher -> <out-dir>/teacher/best.pt, student -> <out-dir>/best.pt, deploye
     python ltd.py --dataset cifar100 --no-distill     # the TRADES-AWP baseline -> runs/trades-awp-...
     python ltd.py --dataset cifar100 --teacher runs/trades-awp-cifar100-wrn-34-10/best.pt   # reuse it
     python evaluate.py runs/ltd-cifar100-wrn-34-10/best.pt --preset standard --diagnose
-    torchrun --nproc_per_node 4 ltd.py --dataset cifar100 --batch-size 32    # 4 GPUs, global batch 128
+    torchrun --nproc_per_node 4 ltd.py --dataset cifar100 --batch-size 32    # 4 GPUs x 32; BatchNorm per GPU (--sync-bn: all 128)
 Reusing the baseline as the teacher makes "baseline + LTD" cost two trainings instead of three.
 MEASURED: real MNIST only, at a small CPU budget (README, Results): LTD 93.8% clean / 14.2% AA-lite vs
 TRADES-AWP 95.0% / 10.4% (10,000 images, 4 epochs, eps 0.3). Nothing on CIFAR yet.

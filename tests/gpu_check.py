@@ -55,7 +55,7 @@ def plan(work, data_dir=None):
                              "--quiet", "--json", os.path.join(work, f"aa-lite-{tag}.json")] + extra
     return [
         ("env", 15, [py, "-m", "tests.gpu_check", "--step", "env"], "GPU, versions, training precision"),
-        ("tests", 90, [py, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider"] + TEST_FILES,
+        ("tests", 90, [py, "-m", "pytest", "-q", "-rf"] + TEST_FILES,
          "GPU-path tests on CUDA"),
         ("memory", 25, [py, "-m", "tests.gpu_check", "--step", "memory"], "peak memory per image vs the rule"),
         ("bench-resnet18", 65, bench("resnet18"), "PGD-10 training speed, 3 modes"),
@@ -157,6 +157,9 @@ def figures(name, output, work):
         return json.loads(lines[-1]) if lines else {}
     if name == "tests":
         counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|errors?|skipped)", output)}
+        if not counts:  # stopped before pytest's summary: count its progress characters
+            marks = "".join(re.findall(r"^([.FEsx]+)(?: +\[ *\d+%\])?$", output, re.M))
+            counts = {"passed": marks.count("."), "failed": marks.count("F") + marks.count("E")}
         return {**counts, "failed_tests": re.findall(r"^FAILED (\S+)", output, re.M)}
     if name.startswith("bench-"):  # rows as tests.bench prints them: arch mode images/s s/epoch ratio
         rows = re.findall(r"^(\S+)\s+(typical|default|compile)\s+([\d.]+)\s+([\d.]+)", output, re.M)
@@ -209,7 +212,7 @@ def main(argv=None):
               "autoattack": lambda: step_autoattack(a.checkpoint, a.data_dir)}[a.step]
         print(json.dumps(fn()), flush=True)
         return None
-    work = os.path.splitext(os.path.abspath(a.out))[0] + time.strftime("-work-%Y%m%d-%H%M%S")
+    work = os.path.abspath(os.path.join("runs", time.strftime("gpu_check-%Y%m%d-%H%M%S")))  # checkpoints, logs
     steps = plan(work, a.data_dir and os.path.abspath(a.data_dir))
     total = sum(s[1] for s in steps)
     print(f"GPU check plan ({total} s of step limits, budget {BUDGET_S} s; work files in {work}):")

@@ -1,21 +1,19 @@
 """Activation memory per image of each architecture, and the batch sizes that fit a 24 GB and an 80 GB GPU.
 
-    python -m tests.memory                                   # the README table (CPU, float32, about a minute)
-    python -m tests.memory --archs resnet18,wide_resnet50_2 --sizes 224 --peak    # + measured peaks (minutes)
+    python -m tests.memory                                   # the README table (CPU, float32, a few minutes)
+    python -m tests.memory --peak                            # + measured peaks of real steps (much longer)
 
 Per arch and image size, on the CPU, with the real model in float32 and one image (common.activation_bytes):
   outputs  the sum of every leaf module's output size in one forward;
   saved    what autograd keeps for the backward pass (each storage once, weights excluded): the part of a
            step's memory that grows with the batch.
---peak also measures (for the definition each size gets by default), in a fresh process per batch size, how much the process's peak memory grows per image
-between two batch sizes, for a real evaluation step (evaluate.apgd, 3 iterations) and a real training step
-(at_alp.py's loss at its defaults: PGD-2, one joint [x; x'] forward, backward, SGD step); peak / saved is what
-common.PEAK_PER_SAVED rounds up. The batch columns come from common.batch_that_fits.
+--peak also measures, for the definition each size gets by default, how much the peak of live tensor memory
+grows per image between two batch sizes (torch.profiler's record of every allocation and free), in a real
+evaluation step (evaluate.apgd, 3 iterations) and a real training step (at_alp.py's loss at its defaults:
+PGD-2, one joint [x; x'] forward, backward, SGD step). common.PEAK_PER_SAVED is peak / saved, rounded up with
+room for the allocator's fragmentation. The batch columns come from common.batch_that_fits.
 """
 import argparse
-import resource
-import subprocess
-import sys
 
 import torch
 
@@ -25,34 +23,44 @@ ARCHS = ("resnet18", "preact-resnet18", "wrn-34-10", "mobilenetv2", "resnet50", 
 GB, MIB = 10 ** 9, 2 ** 20
 
 
-def peak_child(arch, size, mode, batch):
-    """Run one real step at `batch` and print this process's peak resident memory in bytes."""
-    torch.set_num_threads(1)
+def step_peak(arch, size, mode, batch):
+    """Peak bytes of live tensors in one real step at `batch`, from the step's start (every allocation and free
+    of the CPU allocator, as torch.profiler records them): what a GPU's caching allocator must hold, before its
+    fragmentation and cuDNN's workspace."""
+    from torch.profiler import ProfilerActivity, profile
     torch.manual_seed(0)
     model = common.build_model(arch, 10, 3, size)
     x, y = torch.rand(batch, 3, size, size), torch.randint(10, (batch,))
-    if mode == "eval":
-        import evaluate
-        evaluate.apgd(model.eval(), x, y, 8 / 255, n_iter=3)
-    else:
-        import at_alp
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        loss, _ = at_alp.at_alp_loss(model.train(), x, y, 8 / 255, 2 / 255, 2)
-        loss.backward()
-        opt.step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        if mode == "eval":
+            import evaluate
+            evaluate.apgd(model.eval(), x, y, 8 / 255, n_iter=3)
+        else:
+            import at_alp
+            loss, _ = at_alp.at_alp_loss(model.train(), x, y, 8 / 255, 2 / 255, 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    step()  # the first step creates the momentum buffers
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def peak_per_image(arch, size, mode):
-    """Growth of the peak memory per image between two batch sizes (fresh processes; in a training step each
-    batch element is two images, x and x')."""
-    small, big = (2, 6) if size > 64 else (16, 48)
-    peaks = []
-    for b in (small, big):
-        out = subprocess.run([sys.executable, "-m", "tests.memory", "--child", arch, str(size), mode, str(b)],
-                             capture_output=True, text=True, check=True)
-        peaks.append(int(out.stdout.split()[-1]))
-    return (peaks[1] - peaks[0]) / ((big - small) * (2 if mode == "train" else 1))
+    """Growth of a step's peak per image between two batch sizes (in a training step each batch element is two
+    images, x and x')."""
+    small, big = (2, 6) if size > 64 else (8, 24)
+    grow = step_peak(arch, size, mode, big) - step_peak(arch, size, mode, small)
+    return grow / ((big - small) * (2 if mode == "train" else 1))
 
 
 def measure(arch, size, peak=False):
@@ -75,10 +83,7 @@ def main(argv=None):
     p.add_argument("--archs", default=",".join(ARCHS))
     p.add_argument("--sizes", default="32,224")
     p.add_argument("--peak", action="store_true", help="also measure the peak per image of real steps (slow)")
-    p.add_argument("--child", nargs=4, metavar=("ARCH", "SIZE", "MODE", "BATCH"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.child:
-        return peak_child(a.child[0], int(a.child[1]), a.child[2], int(a.child[3]))
     torch.set_num_threads(1)
     rows = []
     print("| arch | px | network | params | leaf outputs / image | saved for backward / image"

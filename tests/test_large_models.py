@@ -6,8 +6,8 @@ for single forwards.
 """
 import json
 import os
-import subprocess
 import sys
+import time
 import urllib.error
 
 import pytest
@@ -32,11 +32,12 @@ STAGES_224 = {
 
 @pytest.fixture(scope="module")
 def tree64(tmp_path_factory):
-    """A 2-class 64-px folder tree: 5 training images per class (one held out for validation), 2 test images."""
+    """A 2-class 64-px folder tree: 3 training images per class (one of the 6 held out for validation, so batch 4
+    is one step), 2 test images per class."""
     from PIL import Image
     root = tmp_path_factory.mktemp("tree64")
     g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 5), ("test", 2)):
+    for split, n in (("train", 3), ("test", 2)):
         for c in ("a", "b"):
             os.makedirs(root / split / c)
             for i in range(n):
@@ -72,8 +73,19 @@ def test_checkpoints_without_the_field_rebuild_our_cifar_definitions():
         assert type(rebuilt) is type(model) and not rebuilt.imagenet_stem
 
 
+@pytest.mark.parametrize("arch", list(STAGES_224))
+def test_imagenet_arch_builds_at_224_with_documented_stages(arch):
+    with torch.device("meta"):  # shapes only: no weights to initialise, no arithmetic
+        model = common.build_model(arch, 17, 3, 224).eval()
+        logits, feats = model(torch.rand(1, 3, 224, 224), return_features=True)
+    stages, pooled = STAGES_224[arch]
+    assert isinstance(model, common.TorchvisionNet) and model.imagenet_stem and logits.shape == (1, 17)
+    assert [(s.shape[1], s.shape[2], s.shape[3]) for s in feats["stages"]] == [(c, h, h) for c, h in stages]
+    assert feats["pooled"].shape == (1, pooled)
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2", "resnet50", "wide_resnet50_2"])
-def test_imagenet_arch_trains_on_64px_folder_round_trips_into_evaluate_and_has_documented_stages(arch, tree64, tmp_path):
+def test_imagenet_arch_trains_on_64px_folder_and_round_trips_into_evaluate(arch, tree64, tmp_path, monkeypatch):
     out = tmp_path / "run"
     best = at_alp.main(["--dataset", "folder", "--data-dir", tree64, "--arch", arch, "--epochs", "1", "--batch-size",
                         "4", "--val-size", "1", "--steps", "1", "--device", DEVICE, "--out-dir", str(out)])
@@ -83,20 +95,19 @@ def test_imagenet_arch_trains_on_64px_folder_round_trips_into_evaluate_and_has_d
     ck = common.load_checkpoint(best)
     assert ck["arch"] == arch and ck["imagenet_stem"] is True and ck["image_size"] == 64
     assert common.load_checkpoint(str(out / "last.pt"))["optimizer"]["state"]  # momentum buffers: a step was taken
+    built, rebuild = [], common.build_model_from_checkpoint
+    monkeypatch.setattr(common, "build_model_from_checkpoint", lambda *a, **k: built.append(rebuild(*a, **k)) or built[-1])
     report = evaluate.main([best, "--attacks", "fgsm", "--device", DEVICE, "--quiet", "--json", str(tmp_path / "r.json")])
     assert report["arch"] == arch and report["n"] == 4 and 0 <= report["robust_acc"] <= report["clean_acc"] <= 1
-    model, _ = common.build_model_from_checkpoint({**ck, "image_size": 224})  # built for 224 px: the same weights fit
+    model = built[0][0]
     assert isinstance(model, common.TorchvisionNet)  # the same network, every weight in place (a strict load)
     (x, y), _ = common.load_dataset("folder", tree64, train=False)
     with torch.no_grad():
-        assert report["clean_acc"] == (model(x.float() / 255).argmax(1) == y).float().mean().item()
-        logits, feats = model(torch.rand(1, 3, 224, 224), return_features=True)  # the documented maps at 224 px
-    stages, pooled = STAGES_224[common.TORCHVISION[arch]]
-    assert logits.shape == (1, 2) and feats["pooled"].shape == (1, pooled)
-    assert [(s.shape[1], s.shape[2], s.shape[3]) for s in feats["stages"]] == [(c, h, h) for c, h in stages]
+        z = model(x.float().div(255).to(model.mean.device))
+    assert report["clean_acc"] == (z.argmax(1).cpu() == y).float().mean().item()
     if arch not in common.IMAGENET_ONLY:  # the recorded choice is what rebuilds it: our definition does not fit
         with pytest.raises(common.UserError, match="do not fit"):
-            common.build_model_from_checkpoint({**ck, "imagenet_stem": False})
+            rebuild({**ck, "imagenet_stem": False})
 
 
 def test_pretrained_uses_torchvision_weights_and_fails_clearly_offline(tmp_path, monkeypatch):
@@ -145,13 +156,14 @@ def test_layer_outputs_per_image_at_224():
 
 def test_batch_that_fits_follows_the_documented_rule():
     # 1 MiB saved per image, no weights, a 10 GB GPU: 0.9 * 10e9 - 2**30 = 7,926,258,176 bytes for activations,
-    # at PEAK_PER_SAVED = 2 -> 2 MiB per image (eval) or 4 MiB per batch element ([x; x'], training).
-    assert common.PEAK_PER_SAVED == 2.0
-    assert common.batch_that_fits(MIB, 0, 10 ** 10) == 3779
-    assert common.batch_that_fits(MIB, 0, 10 ** 10, train=True) == 1889
-    # weights count once for evaluation, four times for training (weights, gradients, momentum, a copy)
-    assert common.batch_that_fits(MIB, 2 ** 28, 10 ** 10) == (7926258176 - 2 ** 30) // (2 * MIB)
-    assert common.batch_that_fits(MIB, 2 ** 28, 10 ** 10, train=True) == (7926258176 - 2 ** 32) // (4 * MIB)
+    # at PEAK_PER_SAVED = 1.5 -> 1.5 MiB per image (eval) or 3 MiB per batch element ([x; x'], training).
+    assert common.PEAK_PER_SAVED == 1.5
+    assert common.batch_that_fits(MIB, 0, 10 ** 10) == 5039
+    assert common.batch_that_fits(MIB, 0, 10 ** 10, train=True) == 2519
+    # 2**28 weights of 4 bytes: once for evaluation (1 GiB), four times for training (weights, gradients, momentum,
+    # a copy: 4 GiB). (7,926,258,176 - 2**30) / 1.5 MiB = 4356.7; (7,926,258,176 - 2**32) / 3 MiB = 1154.4
+    assert common.batch_that_fits(MIB, 2 ** 28, 10 ** 10) == 4356
+    assert common.batch_that_fits(MIB, 2 ** 28, 10 ** 10, train=True) == 1154
     assert common.batch_that_fits(10 ** 12, 0, 10 ** 10) == 0
 
 
@@ -265,3 +277,32 @@ def test_gpu_check_dry_run_prints_a_plan_within_its_budget(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(common.UserError, match="needs a CUDA GPU"):
         gpu_check.main(["--out", "/nonexistent/g.json"])
+
+
+def test_gpu_check_stops_a_slow_step_with_its_children_and_keeps_its_output(tmp_path):
+    from tests import gpu_check
+    child = tmp_path / "child.pid"
+    code = (f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(child)!r}, 'w').write(str(c.pid)); print('half done', flush=True); time.sleep(60)")
+    status, seconds, output = gpu_check.run_step([sys.executable, "-c", code], 3, str(tmp_path / "step.log"))
+    assert status == "stopped at its 3 s limit" and seconds < 20 and "half done" in output
+    pid = int(child.read_text())
+    for _ in range(50):
+        if not _alive(pid):
+            break
+        time.sleep(0.1)
+    assert not _alive(pid)  # the step's own child went with it
+    status, _, output = gpu_check.run_step([sys.executable, "-c", "print(7); raise SystemExit(3)"], 30,
+                                           str(tmp_path / "b.log"))
+    assert status == "failed (exit 3)" and output.strip() == "7"
+    md = gpu_check.markdown({"gpu": "G", "torch": "t", "total_seconds": 12.0, "steps": [
+        {"name": "train", "status": "ok", "seconds": 9.0, "figures": {"epoch 1": {"images_per_s": 1234.5}}}]})
+    assert "| train | epoch 1 images_per_s | 1234 | ok | 9 |" in md
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
