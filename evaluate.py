@@ -394,8 +394,9 @@ def main(argv=None):
             return evaluate(args)
     except torch.OutOfMemoryError:
         pass  # leave the except block first: its traceback holds the batch's tensors
-    raise common.UserError(f"out of GPU memory at --batch-size {args.batch_size}: try --batch-size "
-                           f"{max(1, args.batch_size // 2)} (README, 'Memory': what fits a 24 or 80 GB GPU per arch)"
+    batch = args.batch_size or DEFAULT_BATCH  # None: it ran out before the default was chosen
+    raise common.UserError(f"out of GPU memory at --batch-size {batch}: try --batch-size "
+                           f"{max(1, batch // 2)} (README, 'Memory': what fits a 24 or 80 GB GPU per arch)"
                            + ("; --diagnose attacks its --diagnose-n images in one batch: lower --diagnose-n too"
                               if args.diagnose else ""))
 

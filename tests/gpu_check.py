@@ -45,7 +45,7 @@ TEST_FILES = ["tests/test_gpu_path.py", "tests/test_large_models.py"]
 
 
 def plan(work, data_dir=None):
-    """[(name, seconds allowed, argv or None for an in-process step run in a child, what it measures)]."""
+    """[(name, seconds allowed, command, what it measures)]; `--step NAME` commands run a function of this file."""
     py = sys.executable
     data = ["--dataset", "folder", "--data-dir", data_dir] if data_dir else ["--dataset", "synthetic"]
     ckpt = os.path.join(work, "pgdat", "best.pt")
@@ -224,6 +224,7 @@ def main(argv=None):
         raise common.UserError("tests.gpu_check needs a CUDA GPU (torch.cuda.is_available() is False); "
                                "--dry-run prints the plan without one")
     os.makedirs(work)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)  # fail now, not after ten minutes
     result, t0 = {"plan_seconds": total, "budget_seconds": BUDGET_S, "data": a.data_dir or "synthetic", "steps": []}, time.time()
     for name, seconds, argv_, what in steps:
         if name.startswith(("aa-lite", "autoattack")) and not os.path.exists(os.path.join(work, "pgdat", "best.pt")):

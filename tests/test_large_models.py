@@ -84,7 +84,8 @@ def test_imagenet_arch_builds_at_224_with_documented_stages(arch):
     assert feats["pooled"].shape == (1, pooled)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2", "resnet50", "wide_resnet50_2"])
+# wide_resnet50_2 takes TorchvisionNet's ResNet path as resnet50 does, at ~3x the CPU time (25 s): left out here.
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2", "resnet50"])
 def test_imagenet_arch_trains_on_64px_folder_and_round_trips_into_evaluate(arch, tree64, tmp_path, monkeypatch):
     out = tmp_path / "run"
     best = at_alp.main(["--dataset", "folder", "--data-dir", tree64, "--arch", arch, "--epochs", "1", "--batch-size",
