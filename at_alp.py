@@ -33,11 +33,16 @@ iterations, eps 0.25 and 0.5 of the pixel range = 64/255 and 128/255 (the sister
 another seed), black-box = crafted on a model of another arch; evaluate.py's --transfer-steps sets the
 iterations (step eps/4, random start). Flowers-17 (Nilsback & Zisserman: jpg/image_0001..1360.jpg, class k =
 images 80k+1..80k+80) goes in as a tree TREE/train/<class>/*.jpg + TREE/test/<class>/*.jpg (e.g. split 1:
-trn1 + val1 -> train, tst1 -> test); --dataset folder streams it at 224 px. Training at eps 64/255 is ours
-(the paper's training budget is unknown); repeat everything with 0.50196 (128/255):
-  python at_alp.py --dataset folder --data-dir TREE --eps 0.25098 --out-dir runs/f17                   # target
-  python at_alp.py --dataset folder --data-dir TREE --eps 0.25098 --out-dir runs/f17-copy --seed 1      # gray src
-  python at_alp.py --dataset folder --data-dir TREE --eps 0.25098 --out-dir runs/f17-mnv2 --arch mobilenetv2
+trn1 + val1 -> train, tst1 -> test); --dataset folder streams it at 224 px into torchvision's ImageNet networks
+(the network is ours: the paper's is not known). Training at eps 64/255 is ours (the paper's training budget is
+unknown); repeat everything with 0.50196 (128/255). Batch 128 (a joint [x; x'] batch of 256) fits one 80 GB
+GPU in float32 for both networks by the README's memory table (up to 273 and 302); on a 24 GB GPU use
+--batch-size 64. --pretrained starts from torchvision's ImageNet weights (ours; the paper does not say):
+  python at_alp.py --dataset folder --data-dir TREE --eps 0.25098 --arch resnet50 --batch-size 128 --out-dir runs/f17
+  python at_alp.py --dataset folder --data-dir TREE --eps 0.25098 --arch resnet50 --batch-size 128 --out-dir runs/f17-copy \
+      --seed 1                                                                                        # gray src
+  python at_alp.py --dataset folder --data-dir TREE --eps 0.25098 --arch mobilenet_v2 --batch-size 128 \
+      --out-dir runs/f17-mnv2                                                                         # black src
   T="--attacks transfer --eps 0.25098 --transfer-steps 200"                     # also --transfer-steps 10
   python evaluate.py runs/f17/best.pt $T --transfer-from runs/f17-copy/best.pt --json runs/f17/gray-64-200.json
   python evaluate.py runs/f17/best.pt $T --transfer-from runs/f17-mnv2/best.pt --json runs/f17/black-64-200.json

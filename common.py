@@ -40,7 +40,10 @@ class UserError(Exception):
 def run_main(main_fn, argv=None):
     """Call `main_fn(argv)`, turning UserError into a one-line message and exit status 2."""
     try:
-        return main_fn(argv)
+        result = main_fn(argv)
+        if dist.is_initialized():  # every rank got here: leave the process group cleanly (NCCL warns otherwise)
+            dist.destroy_process_group()
+        return result
     except UserError as e:
         Progress.close_all()  # no live progress line drawing over the message
         print(f"error: {e}", file=sys.stderr)
@@ -385,11 +388,26 @@ def make_loader(data, info, batch_size, device, train=False, workers=8, rank=0, 
     return TensorLoader(x, y, batch_size, device, train, info.flip, rank, world, seed, channels_last)
 
 
+@contextlib.contextmanager
+def rank0_first():
+    """Under torchrun, rank 0 runs the block first (a download, an extraction, a cache file) while the other
+    ranks wait at a barrier, then they run it on the files rank 0 left: no two processes write one archive."""
+    ranked = dist.is_initialized() and dist.get_world_size() > 1
+    if ranked and dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if ranked and dist.get_rank() == 0:
+            dist.barrier()
+
+
 def get_loaders(args, device, rank=0, world=1):
     """Train / validation / test loaders and DataInfo. Validation = `--val-size` held-out training images."""
     skip = getattr(args, "skip_bad_images", False)
-    (x, y), info = load_dataset(args.dataset, args.data_dir, train=True, skip_bad=skip)
-    test, _ = load_dataset(args.dataset, args.data_dir, train=False, skip_bad=skip)
+    with rank0_first():
+        (x, y), info = load_dataset(args.dataset, args.data_dir, train=True, skip_bad=skip)
+        test, _ = load_dataset(args.dataset, args.data_dir, train=False, skip_bad=skip)
     n = len(x) if y is not None else len(x.samples)
     if args.val_size < 1:
         raise UserError("--val-size must be at least 1 (the best checkpoint is chosen on these images)")
@@ -621,21 +639,97 @@ class PapernotCNN(Classifier):
         return self.out(pooled), [s1, s2], pooled
 
 
-ARCHS = ("preact-resnet18", "resnet18", "wrn-D-K", "mobilenetv2", "papernot-mnist", "papernot-cifar")
+class TorchvisionNet(Classifier):
+    """An ImageNet network from torchvision.models, for images of IMAGENET_STEM_FROM px and up: ResNets with the
+    stride-2 7x7 stem and max-pool, MobileNetV2 with its stride-2 3x3 stem; each downsamples 32x in all.
+    Stages: the four ResNet layer outputs (resnet18: 64@s/4, 128@s/8, 256@s/16, 512@s/32; resnet50 and
+    wide_resnet50_2: 256, 512, 1024, 2048 at the same strides), or MobileNetV2's 24@s/4, 32@s/8, 96@s/16,
+    1280@s/32 (the channels our CIFAR variant pairs); pooled 512, 2048 or 1280."""
+    MOBILENET_TAPS = (3, 6, 13, 18)  # torchvision's mobilenet_v2 `features[i]` whose outputs are the stage maps
+
+    def __init__(self, name, num_classes, in_channels, mean, std, pretrained=False):
+        super().__init__(mean, std)
+        import torchvision.models as tvm
+        if in_channels != 3:
+            raise UserError(f"{name} (torchvision) takes RGB images, got {in_channels} channel(s)")
+        if not pretrained:
+            self.net = tvm.get_model(name, weights=None, num_classes=num_classes)
+            return
+        try:  # torchvision downloads the weights once, into $TORCH_HOME (default ~/.cache/torch)
+            self.net = tvm.get_model(name, weights=tvm.get_model_weights(name).DEFAULT)
+        except Exception as e:  # no network, proxy, corrupt file...
+            why = (str(e).splitlines() or [""])[0][:160]
+            raise UserError(f"--pretrained: could not get torchvision's ImageNet weights for {name} "
+                            f"({type(e).__name__}: {why}); connect to the network once or drop --pretrained") from None
+        head = self.net.classifier if hasattr(self.net, "classifier") else None
+        if head is not None:  # a fresh classifier for our classes; the rest keeps the ImageNet weights
+            head[-1] = nn.Linear(head[-1].in_features, num_classes)
+        else:
+            self.net.fc = nn.Linear(self.net.fc.in_features, num_classes)
+
+    def body(self, x):
+        n, stages = self.net, []
+        if hasattr(n, "features"):  # MobileNetV2
+            for i, block in enumerate(n.features):
+                x = block(x)
+                if i in self.MOBILENET_TAPS:
+                    stages.append(x)
+            pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+            return n.classifier(pooled), stages, pooled  # classifier = dropout 0.2 + linear, as torchvision's
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
+            x = layer(x)
+            stages.append(x)
+        pooled = n.avgpool(x).flatten(1)
+        return n.fc(pooled), stages, pooled
+
+
+ARCHS = ("preact-resnet18", "resnet18", "wrn-D-K", "mobilenetv2", "papernot-mnist", "papernot-cifar",
+         "resnet50", "wide_resnet50_2", "mobilenet_v2")
 # Each arch's natural input (channels, size, mean, std) when build_model is not told: MNIST's for papernot-mnist,
 # CIFAR's for the rest.
 NATURAL_INPUT = {"papernot-mnist": (1, 28, (0.1307,), (0.3081,))}
+# Large images get torchvision's ImageNet definitions: resnet18 and mobilenetv2 switch to them from this size
+# on (our CIFAR stems keep full resolution through the first stage: at 224 px that is ~220 MiB of activations
+# per image for resnet18 instead of ~21); resnet50, wide_resnet50_2 and mobilenet_v2 exist only in that form.
+IMAGENET_STEM_FROM = 64
+TORCHVISION = {"resnet18": "resnet18", "mobilenetv2": "mobilenet_v2", "resnet50": "resnet50",
+               "wide_resnet50_2": "wide_resnet50_2", "mobilenet_v2": "mobilenet_v2"}
+IMAGENET_ONLY = ("resnet50", "wide_resnet50_2", "mobilenet_v2")
 
 
-def build_model(arch, num_classes, in_channels=None, image_size=None, mean=None, std=None):
+def build_model(arch, num_classes, in_channels=None, image_size=None, mean=None, std=None, imagenet_stem=None,
+                pretrained=False):
     """Build an architecture by name (see ARCHS; wrn-D-K means e.g. wrn-34-10, wrn-28-10, wrn-10-1).
 
     Unset input arguments take the arch's natural input (1x28x28 for papernot-mnist, else 3x32x32). The
-    model refuses inputs of another shape with a one-line ValueError."""
+    model refuses inputs of another shape with a one-line ValueError. `imagenet_stem` None picks by size:
+    torchvision's ImageNet network (TorchvisionNet) for resnet18 / mobilenetv2 from IMAGENET_STEM_FROM px on,
+    our CIFAR definition below; a checkpoint records the choice (model.imagenet_stem). `pretrained` loads
+    torchvision's ImageNet weights (ImageNet definitions only; the normalisation then is ImageNet's)."""
     c, size, m, s = NATURAL_INPUT.get(arch, (3, 32, CIFAR_MEAN, CIFAR_STD))
     in_channels, image_size = in_channels or c, image_size or size
-    model = _build(arch, num_classes, in_channels, image_size, mean or m, std or s)
+    if imagenet_stem is None:
+        imagenet_stem = arch in IMAGENET_ONLY or (arch in TORCHVISION and image_size >= IMAGENET_STEM_FROM)
+    if imagenet_stem:
+        if arch not in TORCHVISION:
+            raise UserError(f"arch '{arch}' has no ImageNet definition (those are {', '.join(TORCHVISION)})")
+        if image_size < IMAGENET_STEM_FROM:
+            raise UserError(f"{arch} is torchvision's ImageNet network: it downsamples 32x, so {image_size}-px "
+                            f"images would collapse to a {max(image_size // 32, 1)}x{max(image_size // 32, 1)} map; "
+                            f"it needs {IMAGENET_STEM_FROM} px or more (for small images: resnet18, preact-resnet18, "
+                            f"wrn-34-10, mobilenetv2)")
+        if pretrained:
+            mean, std = IMAGENET_MEAN, IMAGENET_STD  # the statistics the ImageNet weights were trained with
+        model = TorchvisionNet(TORCHVISION[arch], num_classes, in_channels, mean or m, std or s, pretrained)
+    elif pretrained:
+        raise UserError(f"--pretrained loads torchvision's ImageNet weights, which exist for the ImageNet "
+                        f"definitions only ({', '.join(TORCHVISION)} on images of {IMAGENET_STEM_FROM} px and up), "
+                        f"not for {arch} at {image_size} px")
+    else:
+        model = _build(arch, num_classes, in_channels, image_size, mean or m, std or s)
     model.arch = arch  # recorded in checkpoints, so a teacher of another arch is rebuilt correctly
+    model.imagenet_stem = bool(imagenet_stem)  # recorded too: the same name is rebuilt as the same network
     model.input_shape = (in_channels, image_size, image_size)
     return model
 
@@ -657,8 +751,8 @@ def _build(arch, num_classes, in_channels, image_size, mean, std):
     raise UserError(f"unknown arch '{arch}' (choose from {', '.join(ARCHS)})")
 
 
-def model_for(arch, info):
-    return build_model(arch, info.num_classes, info.channels, info.size, info.mean, info.std)
+def model_for(arch, info, pretrained=False):
+    return build_model(arch, info.num_classes, info.channels, info.size, info.mean, info.std, pretrained=pretrained)
 
 
 def feature_shape(model, info, device):
@@ -669,6 +763,51 @@ def feature_shape(model, info, device):
         _, f = model(torch.zeros(1, info.channels, info.size, info.size, device=device), return_features=True)
     model.train(was_training)
     return len(f["stages"]), f["pooled"].shape[1]
+
+
+def activation_bytes(model, shape):
+    """(leaf outputs, saved for backward): bytes that ONE image of `shape` (C, H, W) costs in a float32 forward
+    of `model` in its current mode, input requiring grad (as in an attack). Leaf outputs = the sum of every leaf
+    module's output size; saved = what autograd keeps for the backward pass, each storage once, weights and
+    buffers excluded. Both grow linearly with the batch. Train mode moves BatchNorm statistics: use a copy."""
+    device = next(model.parameters()).device
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    outputs, saved = [0], {}
+
+    def count_output(module, inputs, out):
+        outputs[0] += sum(t.numel() * t.element_size() for t in (out if isinstance(out, (tuple, list)) else [out])
+                          if torch.is_tensor(t))
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    hooks = [m.register_forward_hook(count_output) for m in model.modules() if next(m.children(), None) is None]
+    try:
+        x = torch.rand(1, *shape, device=device, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(device.type, enabled=False):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outputs[0], sum(saved.values())
+
+
+# How a batch size is derived from activation_bytes (README, "Memory"): of a GPU's memory, 90% minus GPU_RESERVE
+# (CUDA context, cuDNN workspace) minus the weights (x4 when training: weights, gradients, SGD momentum, one more
+# copy for AWP's proxy or a teacher) holds the activations, counted as PEAK_PER_SAVED x the saved bytes per image,
+# twice per batch element when training ([x; x'] or TRADES's two forwards). A real step's peak of live tensors
+# measured 1.0-1.25x the saved bytes (tests.memory --peak: the backward's transient gradients, the attack's copies
+# of the input); 1.5 leaves room for the allocator's fragmentation.
+GPU_RESERVE, PEAK_PER_SAVED = 1 << 30, 1.5
+
+
+def batch_that_fits(saved_per_image, n_params, gpu_bytes, train=False):
+    """Largest float32 batch size for a GPU of `gpu_bytes` by the rule above (0 if not even one image fits)."""
+    free = 0.9 * gpu_bytes - GPU_RESERVE - 4 * n_params * (4 if train else 1)
+    return max(int(free // (PEAK_PER_SAVED * saved_per_image * (2 if train else 1))), 0)
 
 
 def attention_map(fmap, size=None):
@@ -879,6 +1018,12 @@ def base_parser(description, per_dataset=None, **defaults):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format for models and batches (default: on for CUDA, off for CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm); default: "
+                        "over each process's own --batch-size images, as nn.DataParallel in AWP's and RSLAD's code")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from torchvision's ImageNet weights (ImageNet definitions only: images of "
+                        f"{IMAGENET_STEM_FROM} px and up; downloaded once by torchvision)")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir (its best.pt, "
                    "last.pt and log.jsonl are deleted at start); without it or --resume a used out-dir is refused")
@@ -886,7 +1031,8 @@ def base_parser(description, per_dataset=None, **defaults):
                    help="folder trees: leave out files that are not readable images (or not the tree's image size)")
     p.add_argument("--dist-timeout", type=float, default=300,
                    help="torchrun: seconds a process waits for the others in a collective before the job stops")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--device", default=None,
+                   help="cuda / cuda:N / cpu (default: cuda if available; under torchrun each process takes GPU LOCAL_RANK)")
     p.set_defaults(**defaults)
     return p
 
@@ -997,6 +1143,47 @@ def exit_with_launcher():
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def pick_device(requested, world=1, local_rank=0):
+    """The device of this process: --device, else cuda if available. On CUDA one GPU per torchrun process,
+    GPU LOCAL_RANK: an explicit cuda:N would put every process on GPU N, so it is refused when world > 1."""
+    cuda = torch.cuda.is_available() and requested != "cpu"
+    device = torch.device(requested or ("cuda" if cuda else "cpu"))
+    if device.type != "cuda":
+        return device
+    if device.index is not None and world > 1:
+        raise UserError(f"--device {requested} under torchrun would put all {world} processes on one GPU; pass "
+                        f"--device cuda (each process takes GPU LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)")
+    index = local_rank if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise UserError(f"no GPU cuda:{index}: this machine shows {torch.cuda.device_count()} CUDA device(s)"
+                        + (" (torchrun --nproc_per_node must not exceed the GPUs)" if world > 1 else ""))
+    return torch.device("cuda", index)
+
+
+def native_bf16(device):
+    """True where bf16 autocast is native: CUDA GPUs of compute capability 8.0 and newer (A100, RTX 30xx, H100,
+    ...). Older ones (T4, V100) only emulate bf16, with no cuDNN bf16 convolutions: slower than float32, or an
+    error. torch.cuda.is_bf16_supported() says True there (it counts emulation), so the capability decides."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    if torch.version.hip:  # ROCm: torch knows which AMD GPUs have bf16
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def precision_label(device, asked=None):
+    """What a training run computes in, and why (Run.precision); `asked`: --amp / --no-amp, None if not given."""
+    if asked is not None:
+        return "bf16 autocast (--amp)" if asked else "float32 (--no-amp)"
+    if native_bf16(device):
+        return "bf16 autocast (native on this GPU)"
+    if torch.device(device).type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"float32 (no native bf16 on this GPU, compute capability {major}.{minor}; --amp forces bf16 autocast)"
+    return "float32"
+
+
 class Run:
     """Everything about one training run that is not the method: device, ranks, data, logging, files."""
 
@@ -1004,11 +1191,7 @@ class Run:
         self.args, self.method = args, method
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available() and args.device != "cpu"
-        self.device = torch.device(args.device or ("cuda" if cuda else "cpu"))
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", local)  # one GPU per torchrun process (set_device needs an index)
+        self.device = pick_device(args.device, self.world, int(os.environ.get("LOCAL_RANK", "0")))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
@@ -1024,7 +1207,9 @@ class Run:
         # The GPU path is one decision each, on any device (the CPU runs it with --amp --channels-last);
         # the resolved values go back into args, so every checkpoint records the precision it trained in.
         gpu = self.device.type == "cuda"
-        self.amp = args.amp = gpu if args.amp is None else args.amp
+        asked = args.amp
+        self.amp = args.amp = native_bf16(self.device) if asked is None else asked
+        self.precision = precision_label(self.device, asked)  # for the log: bf16 or float32, and why
         self.channels_last = args.channels_last = gpu if args.channels_last is None else args.channels_last
         self.train_loader, self.val_loader, self.test_loader, self.info = get_loaders(args, self.device, self.rank, self.world)
         args.eps = self.info.eps if args.eps is None else args.eps
@@ -1043,10 +1228,14 @@ class Run:
 
     def model(self, arch=None):
         """Build `arch` (default --arch) for this dataset, on the device (see to_device)."""
-        return self.to_device(model_for(arch or self.args.arch, self.info))
+        return self.to_device(model_for(arch or self.args.arch, self.info, getattr(self.args, "pretrained", False)))
 
     def prepare(self, model):
         """Wrap for training: DistributedDataParallel under torchrun, torch.compile with --compile."""
+        if self.world > 1 and getattr(self.args, "sync_bn", False):
+            if self.device.type != "cuda":
+                raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU implementation)")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place: same parameters, same state_dict
         if self.world > 1:
             model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
         if self.args.compile:
@@ -1265,7 +1454,8 @@ def make_checkpoint(model, args, info, method, epoch, metrics, temperature=1.0):
     m = unwrap(model)
     # contiguous: a channels_last run writes the same plain NCHW tensors as any other
     return {"format": CHECKPOINT_FORMAT, "model": {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},
-            "arch": getattr(m, "arch", args.arch), "dataset": args.dataset, "num_classes": info.num_classes,
+            "arch": getattr(m, "arch", args.arch), "imagenet_stem": bool(getattr(m, "imagenet_stem", False)),
+            "dataset": args.dataset, "num_classes": info.num_classes,
             "in_channels": info.channels, "image_size": info.size, "temperature": float(temperature),
             "method": method, "args": {k: _plain(v) for k, v in vars(args).items()}, "epoch": epoch,
             "metrics": {k: _plain(v) for k, v in metrics.items()}}
@@ -1303,7 +1493,8 @@ def build_model_from_checkpoint(path_or_ckpt, device="cpu"):
         raise UserError(f"{name} is not a complete {CHECKPOINT_FORMAT} checkpoint: it lacks {', '.join(missing)}")
     state = ckpt["model"]
     model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt.get("in_channels", 3), ckpt.get("image_size", 32),
-                        state["mean"].flatten().tolist(), state["std"].flatten().tolist())
+                        state["mean"].flatten().tolist(), state["std"].flatten().tolist(),
+                        imagenet_stem=ckpt.get("imagenet_stem", False))  # no field: one of our CIFAR definitions
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

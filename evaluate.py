@@ -247,7 +247,7 @@ def cascade(model, x, y, names, attack, eps, autocast, seconds, status=None):
 
 def sync(device):
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # this GPU's work, not the current device's
 
 
 def protocol_label(names, num_classes):
@@ -366,7 +366,9 @@ def get_args(argv=None):
     p.add_argument("--n", type=int, default=None, help="N test images, a fixed random subset (default: 1,000 for quick, else all)")
     p.add_argument("--eps", type=float, default=None, help="default: the dataset's threat model")
     p.add_argument("--alpha", type=float, default=None, help="PGD step (default eps/4)")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per attack batch (default: {DEFAULT_BATCH}; on images of "
+                        f"{common.IMAGENET_STEM_FROM} px and up, at most what fits a 24 GB GPU in float32)")
     p.add_argument("--apgd-iters", type=int, default=100, help="APGD iterations (AutoAttack: 100)")
     p.add_argument("--square-queries", type=int, default=5000, help="Square queries (AutoAttack: 5,000)")
     p.add_argument("--transfer-from", default=None, help="source checkpoint for the transfer attack")
@@ -387,8 +389,31 @@ def get_args(argv=None):
 
 
 def main(argv=None):
-    with strict_float32():
-        return evaluate(get_args(argv))
+    args = get_args(argv)
+    try:
+        with strict_float32():
+            return evaluate(args)
+    except torch.OutOfMemoryError:
+        pass  # leave the except block first: its traceback holds the batch's tensors
+    batch = args.batch_size or DEFAULT_BATCH  # None: it ran out before the default was chosen
+    raise common.UserError(f"out of GPU memory at --batch-size {batch}: try --batch-size "
+                           f"{max(1, batch // 2)} (README, 'Memory': what fits a 24 or 80 GB GPU per arch)"
+                           + ("; --diagnose attacks its --diagnose-n images in one batch: lower --diagnose-n too"
+                              if args.diagnose else ""))
+
+
+DEFAULT_BATCH, DEFAULT_GPU_BYTES = 500, 24 * 10 ** 9
+
+
+def default_batch_size(models, info):
+    """--batch-size when not given: DEFAULT_BATCH, on large images at most what fits a 24 GB GPU in float32 for
+    every model attacked (common.batch_that_fits, counted on one image; at 224 px e.g. 158 for resnet50, 174
+    for mobilenet_v2, 500 for resnet18)."""
+    if info.size < common.IMAGENET_STEM_FROM:
+        return DEFAULT_BATCH
+    fits = [common.batch_that_fits(common.activation_bytes(m, (info.channels, info.size, info.size))[1],
+                                   sum(p.numel() for p in m.parameters()), DEFAULT_GPU_BYTES) for m in models]
+    return max(1, min([DEFAULT_BATCH] + fits))
 
 
 def evaluate(args):
@@ -435,6 +460,8 @@ def evaluate(args):
         if sck["num_classes"] != ck["num_classes"] or sck["dataset"] != ck["dataset"]:
             raise common.UserError(f"--transfer-from was trained on {sck['dataset']}, the target on {ck['dataset']}")
         names = names + ["transfer"] if "transfer" not in names else names
+    if args.batch_size is None:
+        args.batch_size = default_batch_size([model] + ([source] if source is not None else []), info)
     eps = args.eps if args.eps is not None else info.eps
     alpha = args.alpha if args.alpha is not None else eps / 4  # 2/255 at 8/255; 0.075 on MNIST (0.3)
     n_all = len(xs) if ys is not None else len(xs.samples)
@@ -482,7 +509,8 @@ def evaluate(args):
               "attack_settings": {"pgd_step": alpha, "apgd_iters": args.apgd_iters, "apgd_restarts": 1,
                                   "apgd_t_targets": min(9, info.num_classes - 1), "square_queries": args.square_queries,
                                   "square_schedule": "AutoAttack (resc_schedule=False)", "transfer_from": args.transfer_from,
-                                  "transfer_steps": args.transfer_steps, "amp": "bf16" if args.amp else "fp32"},
+                                  "transfer_steps": args.transfer_steps, "amp": "bf16" if args.amp else "fp32",
+                                  "batch_size": args.batch_size},
               "device": str(device), "clean_acc": correct / n,
               "attacks": [{"name": k, "acc_after": acc_after[k], "seconds": seconds[k]} for k in names],
               "robust_acc": (robust_after[names[-1]] if names else correct) / n, "seconds": seconds,

@@ -85,6 +85,12 @@ def asa_eps(teacher_probs_true, eps0, lo, hi):
     return (eps0 * (0.5 + teacher_probs_true)).clamp(lo, hi)
 
 
+def float32(model, x, **kw):
+    """model(x) with autocast off: the teacher's logits and features stay float32 inside the student's bf16."""
+    with torch.autocast(x.device.type, enabled=False):
+        return model(x, **kw)
+
+
 def asa_instance_rule(student, x, y, e, attack, gamma, lo, hi, beta=1.0, zero_wrong=False, x_cur=None):
     """One visit of --asa instance for a batch at strengths e (B,): returns its new table rows (see the docstring).
 
@@ -133,7 +139,8 @@ def asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa="instanc
             return common.pgd(student, x, y, e, e * ratio, steps, loss="kl", target=t_probs, random_start="normal")
         kl = lambda out, _: F.kl_div(F.log_softmax(out[0].float(), 1), F.log_softmax(out[1].float(), 1),
                                      reduction="none", log_target=True).sum(1)
-        return common.pgd(lambda z: (student(z), teacher(z)), x, y, e, e * ratio, steps, loss=kl, random_start="normal")
+        return common.pgd(lambda z: (student(z), float32(teacher, z)), x, y, e, e * ratio, steps, loss=kl,
+                          random_start="normal")
 
     was_training = student.training
     student.eval()  # frozen BN statistics while attacking (RSLAD/AdaAD code)
@@ -231,7 +238,7 @@ def infoard_loss(student, teacher, heads, x, y, eps=8 / 255, alpha=2 / 255, step
     rows `idx`, the batch's sample indices); asa_options: asa_attack's beta, zero_wrong, apply, probe."""
     assert not teacher.training, "teacher must be in eval mode (train mode updates its BN statistics)"
     with torch.no_grad():
-        t_logits, t_feats = teacher(x, return_features=True)
+        t_logits, t_feats = float32(teacher, x, return_features=True)
     eps_i = table[idx] if asa == "instance" else None
     x_adv, _, eps_next = asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa, inner, eps_range, gamma,
                                     eps_i, **(asa_options or {}))

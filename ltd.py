@@ -30,7 +30,7 @@ Run (teacher -> <out-dir>/teacher/best.pt, student -> <out-dir>/best.pt, deploye
     python ltd.py --dataset cifar100 --no-distill     # the TRADES-AWP baseline -> runs/trades-awp-...
     python ltd.py --dataset cifar100 --teacher runs/trades-awp-cifar100-wrn-34-10/best.pt   # reuse it
     python evaluate.py runs/ltd-cifar100-wrn-34-10/best.pt --preset standard --diagnose
-    torchrun --nproc_per_node 4 ltd.py --dataset cifar100 --batch-size 32    # 4 GPUs, global batch 128
+    torchrun --nproc_per_node 4 ltd.py --dataset cifar100 --batch-size 32    # 4 GPUs x 32; BatchNorm per GPU (--sync-bn: all 128)
 Reusing the baseline as the teacher makes "baseline + LTD" cost two trainings instead of three.
 MEASURED: real MNIST only, at a small CPU budget (README, Results): LTD 93.8% clean / 14.2% AA-lite vs
 TRADES-AWP 95.0% / 10.4% (10,000 images, 4 epochs, eps 0.3). Nothing on CIFAR yet.
@@ -144,9 +144,11 @@ def trades_attack(model, x, eps, alpha, steps, tau_s=1.0):
 
 @torch.no_grad()
 def teacher_soft_labels(teacher, x, tau_t):
-    """p_t = softmax(f_T(x) / tau_t) from a frozen teacher in eval mode (its own .temperature must be 1)."""
+    """p_t = softmax(f_T(x) / tau_t) from a frozen teacher in eval mode (its own .temperature must be 1). The
+    teacher runs in float32 even inside the student's bf16 autocast: at tau_t = 0.5 bf16 logits' rounding doubles."""
     assert not teacher.training, "the teacher must be in eval mode (train mode would update its BN statistics)"
-    return F.softmax(teacher(x).float() / tau_t, 1)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.softmax(teacher(x).float() / tau_t, 1)
 
 
 def awp_perturb(model, proxy, loss_fn, gamma):

@@ -12,7 +12,8 @@ What differs is the engineering around it:
            RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor on CPU workers (pin_memory), the
            attack written inline, cudnn.benchmark off (PyTorch's default);
   default  exactly what common.Run gives every method script: uint8 images on the device, crop and flip
-           there (common.TensorLoader), common.pgd, bf16 autocast, channels_last, cudnn.benchmark;
+           there (common.TensorLoader), common.pgd, bf16 autocast (GPUs with native bf16), channels_last,
+           cudnn.benchmark;
   compile  default + torch.compile of the model (the scripts' --compile flag).
 Images are random uint8 (speed does not depend on content). Warm-up steps are not timed; on CUDA the
 clock is read after torch.cuda.synchronize(). Seconds per epoch = n / (images per second), training
@@ -121,7 +122,7 @@ def make_step(model, train_model, opt, sched, attack, autocast):
 
 
 def images_per_s(step, batches, batch_size, warmup, measured, device):
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         step(*next(batches))
     sync()

@@ -152,7 +152,7 @@ def unit_cost(arch, a, info, amp):
     model = common.model_for(arch, info).to(device)
     bs = 64 if device.type == "cuda" else 16
     x, y = torch.rand(bs, info.channels, info.size, info.size, device=device), torch.zeros(bs, dtype=torch.long, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(4):  # the fastest of 3 after a warm-up: robust to a busy machine
         sync()
@@ -170,13 +170,13 @@ def estimate(a, runs):
     n_all = len(x) if y is not None else len(x.samples)
     val = min(1000, n_all // 5)
     n_train = a.train_size or n_all - val
-    cuda = torch.device(a.device).type == "cuda"
+    amp = common.native_bf16(a.device)  # the scripts' default precision there
     ev = evaluate.get_args(["model.pt"] + shlex.split(a.eval_args))
     costs = {}
     for r in runs:
         arch, epochs = last_flag(r["argv"], "--arch"), int(last_flag(r["argv"], "--epochs"))
         if arch not in costs:  # x2: what a bare forward+backward leaves out (projections, optimizer, loaders, ...)
-            costs[arch] = 2 * unit_cost(arch, a, info, cuda), 2 * unit_cost(arch, a, info, False)  # evaluation: fp32
+            costs[arch] = 2 * unit_cost(arch, a, info, amp), 2 * unit_cost(arch, a, info, False)  # evaluation: fp32
         train_unit, eval_unit = costs[arch]
         # AA-lite: APGD-CE on all, APGD-T (9 targets) on the ~half still robust; diagnostics: ~240 attack steps
         # plus min(1000, queries) Square forwards (a third of a forward+backward each)

@@ -7,13 +7,16 @@ One real launch, `python -m torch.distributed.run --nproc_per_node 2 -m tests.te
       parameters on both ranks, equal to a single-process step on the union of the two batches;
   (c) a method script (at_alp.py) run by both ranks on the GPU path (--amp --channels-last: bf16 autocast,
       NHWC) writes its files once (rank 0) and evaluate.py reads the checkpoint like any other;
-  (d) InfoARD's per-sample eps_i table stays disjoint per rank while it moves and whole on every rank after.
+  (d) InfoARD's per-sample eps_i table stays disjoint per rank while it moves and whole on every rank after;
+  (e) on a fresh --data-dir only rank 0 downloads; the others wait for it and read its files (a stand-in for
+      torchvision's download, which two processes writing one archive at once break).
 """
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -28,14 +31,40 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 2
 
 
+def fake_download(res):
+    """common._torchvision_split with a download in the middle, as torchvision does it: the archive is written in
+    place for a while; a second process arriving meanwhile would write the same file (here: it fails loudly)."""
+    def split(name, train, root):
+        done, writing = os.path.join(root, "archive.done"), os.path.join(root, "archive.writing")
+        if not os.path.exists(done):
+            os.makedirs(root, exist_ok=True)
+            try:
+                os.close(os.open(writing, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                raise common.UserError(f"rank {os.environ['RANK']}: another process is downloading into {root}")
+            res["downloaded"] = True
+            time.sleep(2.0)  # the download
+            os.replace(writing, done)
+        xtr, ytr, xte, yte = common.synthetic_data(n_train=256, n_test=64)
+        return (xtr, ytr) if train else (xte, yte)
+    return split
+
+
 def worker(out):
     """What each rank runs under torchrun (RANK / WORLD_SIZE / MASTER_* come from the launcher)."""
     torch.set_num_threads(1)
-    res = {}
+    res = {"downloaded": False}
+    # (e) the first Run of the job (it initialises the gloo process group) on a data dir nobody has filled yet
+    real_split, common._torchvision_split = common._torchvision_split, fake_download(res)
+    args = common.base_parser("race", epochs=1).parse_args(
+        ["--dataset", "cifar10", "--data-dir", os.path.join(out, "fresh-data"), "--device", "cpu", "--batch-size", "32",
+         "--val-size", "32", "--out-dir", os.path.join(out, "race")])
+    res["race_train_images"] = len(common.Run(args, "race").train_loader.y)
+    common._torchvision_split = real_split
     # (a) shards: labels replaced by sample ids, so the batches themselves tell which images a rank got.
     args = common.base_parser("shards", epochs=1).parse_args(
         TINY + ["--batch-size", "32", "--out-dir", os.path.join(out, "shards")])
-    run = common.Run(args, "shards")  # initialises the gloo process group
+    run = common.Run(args, "shards")
     res["rank"], res["world"] = run.rank, run.world
     loader = run.train_loader
     loader.y = torch.arange(len(loader.y))
@@ -162,6 +191,12 @@ def test_method_under_torchrun_writes_once_and_evaluates(ranks, tmp_path):
     report = evaluate.main([r0["best"], "--preset", "quick", "--n", "64", "--device", "cpu",
                             "--json", str(tmp_path / "r.json")])
     assert report["method"] == "at_alp" and 0 <= report["robust_acc"] <= report["clean_acc"] <= 1
+
+
+def test_rank0_downloads_first_and_the_others_wait(ranks):
+    _, _, (r0, r1) = ranks
+    assert (r0["downloaded"], r1["downloaded"]) == (True, False)  # rank 1 found rank 0's files
+    assert r0["race_train_images"] == r1["race_train_images"] == 256 - 32  # both loaded the data
 
 
 def test_infoard_strength_table_sharded_then_whole(ranks):

@@ -20,10 +20,11 @@ import common
 import defensive_distillation
 import infoard
 import ltd
-from tests.util import TINY, tiny_model
+from tests.util import DEVICE, TINY, tiny_model
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 GPU_PATH = ["--amp", "--channels-last"]
+FLOAT32 = ["--no-amp", "--no-channels-last"]  # the CPU default, spelled out (on CUDA the default is the GPU path)
 # 96 synthetic training images - 32 held out = 2 steps of 32 per epoch (bf16 is emulated on most CPUs: slow).
 SMALL = TINY + ["--epochs", "1", "--batch-size", "32", "--val-size", "32"]
 METHODS = {
@@ -52,7 +53,7 @@ def trained_pair(request, small_synthetic, tmp_path_factory):
     module, extra = METHODS[request.param]
     out = tmp_path_factory.mktemp(request.param)
     paths = {mode: module.main(SMALL + extra + flags + ["--out-dir", str(out / mode)])
-             for mode, flags in (("fp32", []), ("gpu", GPU_PATH))}
+             for mode, flags in (("fp32", FLOAT32), ("gpu", GPU_PATH))}
     return request.param, out, paths
 
 
@@ -109,7 +110,7 @@ def test_amp_and_channels_last_are_device_agnostic_switches(tmp_path):
     teacher = common.load_teacher(_save(ck, tmp_path), run)
     assert teacher.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # the same decision, one place
 
-    run32 = common.Run(parse([]), "t")  # the CPU default stays float32 NCHW
+    run32 = common.Run(parse([] if DEVICE == "cpu" else FLOAT32), "t")  # the CPU default stays float32 NCHW
     x32, _ = next(iter(run32.train_loader))
     model32 = run32.model()
     assert not run32.amp and not run32.channels_last and x32.is_contiguous()
@@ -210,6 +211,33 @@ def test_infoard_kl_and_infonce_are_float32_under_autocast():
     labels = torch.arange(16)
     nce_ref = 0.5 * (F.cross_entropy(sim, labels) + F.cross_entropy(sim.t(), labels))
     torch.testing.assert_close(nce.double(), nce_ref, **TIGHT)
+
+
+class Recorder(nn.Module):
+    """Wraps a model; records, at every forward, whether autocast was on (and for which output dtype)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.autocast_on = model, []
+
+    def forward(self, x, **kw):
+        self.autocast_on.append(torch.is_autocast_enabled(x.device.type))
+        return self.model(x, **kw)
+
+
+def test_ltd_and_infoard_teachers_run_in_float32_under_autocast():
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(10, (8,))
+    teacher, student = Recorder(tiny_model(0)).eval(), Recorder(tiny_model(1))
+    with torch.no_grad():
+        p_fp32 = F.softmax(teacher.model(x) / 0.5, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        p_t = ltd.teacher_soft_labels(teacher, x, 0.5)
+        heads = infoard.ProjectionHeads(64, 64)
+        infoard.infoard_loss(student, teacher, heads, x, y, steps=2, asa="off", inner="adaad", w_at=1.0)
+    torch.testing.assert_close(p_t, p_fp32, rtol=1e-5, atol=1e-6)  # a bf16 teacher would be ~1e-2 off at tau 0.5
+    assert len(teacher.autocast_on) > 3 and not any(teacher.autocast_on)  # soft labels, features, every adaad step
+    assert any(student.autocast_on)  # ... while the student itself did run under autocast
 
 
 def test_at_alp_pairing_losses_are_float32_under_autocast():

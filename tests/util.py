@@ -1,4 +1,5 @@
 """Test fixtures: a minimal PGD adversarial-training script built only from common.py's utilities."""
+import os
 import time
 
 import torch
@@ -7,7 +8,10 @@ import torch.nn.functional as F
 
 import common
 
-TINY = ["--dataset", "synthetic", "--arch", "wrn-10-1", "--device", "cpu", "--batch-size", "64",
+# The device of the tiny runs: the CPU, or what ROBUST_DISTILL_TEST_DEVICE says (tests.gpu_check sets cuda for the
+# test files that exercise the GPU path: tests/test_gpu_path.py, tests/test_large_models.py).
+DEVICE = os.environ.get("ROBUST_DISTILL_TEST_DEVICE", "cpu")
+TINY = ["--dataset", "synthetic", "--arch", "wrn-10-1", "--device", DEVICE, "--batch-size", "64",
         "--val-size", "64", "--steps", "2", "--milestones", "1"]
 
 
