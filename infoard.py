@@ -189,30 +189,48 @@ class ProjectionHeads(nn.Module):
         return F.normalize(self.student(zs), dim=1), F.normalize(self.teacher(zt), dim=1)
 
 
+def at_stage_indices(at_stages, n_s, n_t):
+    """Stage maps paired by Attention Transfer: `at_stages` (checked against both models), or with None the
+    first three both models have (all of them on a two-stage CNN)."""
+    n = min(n_s, n_t)
+    idx = list(range(min(3, n))) if at_stages is None else list(at_stages)
+    if any(not 0 <= i < n for i in idx):
+        raise ValueError(f"stage indices {idx}: the student has {n_s} stage maps, the teacher {n_t}")
+    return idx
+
+
 def infoard_loss(student, teacher, heads, x, y, eps=8 / 255, alpha=2 / 255, steps=10, asa="instance", inner="rslad",
-                 eps_range=None, gamma=1.9 / 255, w_kl=1.0, w_nce=1.0, w_at=1000.0, tau=0.07, at_stages=(0, 1, 2),
+                 eps_range=None, gamma=1.9 / 255, w_kl=1.0, w_nce=1.0, w_at=1000.0, tau=0.07, at_stages=None,
                  table=None, idx=None):
-    """ASA attack + MIM loss for one batch; returns (loss, student logits on x'). The caller keeps the teacher
-    in eval mode; it gets no gradient from here. The student ends in the mode it came in; heads may be None
-    if w_nce = 0. asa='instance' needs `table` (a tensor of eps_i per training sample, updated in place at
-    rows `idx`, the batch's sample indices)."""
+    """ASA attack + MIM loss for one batch (crafts its own x'); returns (loss, student logits on x'). The caller
+    keeps the teacher in eval mode; it gets no gradient from here. The student ends in the mode it came in.
+
+    Models map images in [0, 1] to logits; only with w_nce or w_at != 0 are they called as
+    model(x, return_features=True) -> (logits, {"stages": [maps], "pooled": (B, d)}). heads (ProjectionHeads)
+    may be None if w_nce = 0. at_stages: see at_stage_indices. asa='instance' moves `table` (a tensor of eps_i
+    per training sample) in place at rows `idx` (the batch's sample indices); without a table it attacks at
+    the fixed eps, as asa='off'."""
     assert not teacher.training, "teacher must be in eval mode (train mode updates its BN statistics)"
+    feats = bool(w_nce or w_at)  # feature terms on: both models must return their features
+    forward = lambda net, v: net(v, return_features=True) if feats else (net(v), None)
     with torch.no_grad():
-        t_logits, t_feats = teacher(x, return_features=True)
+        t_logits, t_feats = forward(teacher, x)
+    if asa == "instance" and table is None:
+        asa = "off"
     eps_i = table[idx] if asa == "instance" else None
     x_adv, _, eps_next = asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa, inner, eps_range, gamma,
                                     eps_i)
     if eps_next is not None:
         table[idx] = eps_next
-    s_adv, s_feats = student(x_adv, return_features=True)
+    s_adv, s_feats = forward(student, x_adv)
     loss = w_kl * rslad_kl(t_logits, s_adv, student(x))
     if w_nce:  # feature level: adversarial student <-> clean teacher, other images of the batch as negatives
         with torch.autocast(x.device.type, enabled=False):  # fp32 heads and similarities (tau 0.07)
             zs, zt = heads(s_feats["pooled"].float(), t_feats["pooled"].float())
             loss = loss + w_nce * info_nce(zs, zt, tau)
     if w_at:  # attention level: where the adversarial student looks <-> where the clean teacher looks
-        pick = lambda stages: [stages[i] for i in at_stages]
-        loss = loss + w_at * attention_loss(pick(s_feats["stages"]), pick(t_feats["stages"]))
+        pick = at_stage_indices(at_stages, len(s_feats["stages"]), len(t_feats["stages"]))
+        loss = loss + w_at * attention_loss([s_feats["stages"][i] for i in pick], [t_feats["stages"][i] for i in pick])
     return loss, s_adv.detach()
 
 
