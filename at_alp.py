@@ -212,7 +212,7 @@ def main(argv=None):
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
         trainer.end_epoch(epoch, loss_sum, correct, seen, t0)
-    return trainer.finish()
+    return run.done(trainer.finish())
 
 
 if __name__ == "__main__":

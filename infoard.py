@@ -242,7 +242,7 @@ MIM = {"logit": (0, 0), "logit+feature": (1, 0), "logit+attention": (0, 1), "all
 
 def get_args(argv=None):
     p = common.base_parser(__doc__.splitlines()[0], epochs=200, weight_decay=2e-4,
-                           per_dataset={"mnist": dict(teacher_arch="papernot-mnist", at_stages=[0, 1], asa_warmup=2)})
+                           per_dataset={"mnist": dict(teacher_arch="papernot-mnist", asa_warmup=2)})
     p.add_argument("--teacher", default=None, help="robust teacher checkpoint; without it a PGD-AT teacher is trained first")
     p.add_argument("--teacher-arch", default="wrn-34-10", help="arch of the teacher trained when --teacher is absent")
     p.add_argument("--teacher-epochs", type=int, default=None, help="epochs of that teacher (None: --epochs)")
@@ -263,8 +263,9 @@ def get_args(argv=None):
     p.add_argument("--w-at", type=float, default=1000.0, help="weight of Attention Transfer (ours, RepDistiller's)")
     p.add_argument("--nce-tau", type=float, default=0.07, help="InfoNCE temperature (ours, CRD's)")
     p.add_argument("--nce-dim", type=int, default=128, help="projection-head output size (ours, CRD's)")
-    p.add_argument("--at-stages", type=int, nargs="+", default=[0, 1, 2],
-                   help="indices of the stage maps paired by Attention Transfer, same for both models (ours)")
+    p.add_argument("--at-stages", type=int, nargs="+", default=None,
+                   help="indices of the stage maps paired by Attention Transfer, same for both models (default: "
+                        "the first three both models have, i.e. 0 1 2, or 0 1 on the two-stage Papernot CNNs; ours)")
     args = p.parse_args(argv)
     args.teacher_epochs = args.epochs if args.teacher_epochs is None else args.teacher_epochs
     rslad_mode = (args.asa, args.mim, args.inner) == ("off", "logit", "rslad")
@@ -285,7 +286,7 @@ def train_teacher(run):
     train_model = run.prepare(model)
     opt, sched = run.optimizer(model.parameters(), epochs=a.teacher_epochs)
     trainer = common.Trainer(run, model, opt, sched, "pgd-at", out_dir=os.path.join(a.out_dir, "teacher"),
-                             epochs=a.teacher_epochs)
+                             epochs=a.teacher_epochs, stage="1/2 (teacher)")
     for epoch in trainer.epochs_to_run():
         run.train_loader.set_epoch(epoch)
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
@@ -322,20 +323,30 @@ def main(argv=None):
     if args.asa == "instance" and not isinstance(run.train_loader, common.TensorLoader):
         raise common.UserError("--asa instance needs a dataset held in memory (not a streamed folder); use --asa conf")
     # frozen, eval mode, temperature 1 (RSLAD/AdaAD distil from raw logits), same dataset checked
-    teacher = common.load_teacher(args.teacher or train_teacher(run), run)
+    teacher = common.load_teacher(args.teacher, run) if args.teacher else None
+    # stage counts from the teacher given, else from --teacher-arch: checked before any training
+    n_s, d_s = common.arch_features(args.arch, run.info)
+    if teacher is not None:
+        n_t, d_t = common.feature_shape(teacher, run.info, run.device)
+    else:
+        n_t, d_t = common.arch_features(args.teacher_arch, run.info)
+    try:
+        args.at_stages = at_stage_indices(args.at_stages, n_s, n_t)
+    except ValueError as e:
+        if args.w_at:
+            raise common.UserError(f"--at-stages: {e}") from None
+    if teacher is None:
+        teacher = common.load_teacher(train_teacher(run), run)
     table = StrengthTable(len(run.train_loader.y), args.eps).to(run.device) if args.asa == "instance" else None
     eps_table = table.eps if table is not None else None  # the same tensor (--resume loads into it in place)
     run.train_loader.with_index = table is not None  # then batches come as (x, y, sample indices)
     student = run.model()
-    (n_s, d_s) = common.feature_shape(student, run.info, run.device)
-    (n_t, d_t) = common.feature_shape(teacher, run.info, run.device)
-    if args.w_at and not all(0 <= i < min(n_s, n_t) for i in args.at_stages):
-        raise common.UserError(f"--at-stages {args.at_stages}: student has {n_s} stage maps, teacher {n_t}")
     heads = ProjectionHeads(d_s, d_t, args.nce_dim).to(run.device) if args.w_nce else None
     train_model = run.prepare(student)
     opt, sched = run.optimizer(list(student.parameters()) + (list(heads.parameters()) if heads else []))
     extra = {k: v for k, v in (("heads", heads), ("eps_table", table)) if v is not None}
-    trainer = common.Trainer(run, student, opt, sched, method, temperature=1.0, extra_state=extra)
+    trainer = common.Trainer(run, student, opt, sched, method, temperature=1.0, extra_state=extra,
+                             stage=None if args.teacher else "2/2 (student)")
     cfg = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, inner=args.inner,
                eps_range=args.asa_range or (0.5 * args.eps, 1.5 * args.eps),  # fixed, not ramped by --eps-warmup
                gamma=args.asa_gamma, w_kl=args.w_kl, w_nce=args.w_nce, w_at=args.w_at, tau=args.nce_tau,
@@ -362,7 +373,7 @@ def main(argv=None):
         if table is not None:
             table.sync(start)  # every rank (and last.pt) holds the whole table
         trainer.end_epoch(epoch, loss_sum, correct, seen, t0, extra=table.stats() if table is not None else None)
-    return trainer.finish()
+    return run.done(trainer.finish())
 
 
 if __name__ == "__main__":
