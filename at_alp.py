@@ -111,8 +111,10 @@ def craft_adversary(model, x, y, eps, alpha, steps, targeted_ll=False):
 
 def at_alp_loss(model, x, y, eps, alpha, steps, w_clean=0.5, w_adv=0.5, lam_alp=0.5, beta_at=1000.0,
                 stages=None, targeted_ll=False, separate_forward=False):
-    """The AT+ALP training loss on one batch. Returns (loss, logits on x').
+    """The AT+ALP training loss on one batch; crafts its own x'. Returns (loss, logits on x').
 
+    model: any module mapping images in [0, 1] to logits; only with beta_at != 0 is it called as
+      model(x, return_features=True) -> (logits, {"stages": [stage maps]}).
     The forward for the loss runs in the mode the caller left the model in (train mode in training).
     stages: indices of the stage maps (model(x, return_features=True)[1]["stages"]) to pair; None = all.
     separate_forward: run x and x' through the model separately. The default is ONE forward over the
@@ -128,9 +130,11 @@ def at_alp_loss(model, x, y, eps, alpha, steps, w_clean=0.5, w_adv=0.5, lam_alp=
         return w_adv * F.cross_entropy(logits_adv.float(), y), logits_adv
     need_at = beta_at != 0
 
-    def forward(inp):  # -> (logits, stage maps or [])
-        out = model(inp, return_features=need_at)
-        return (out[0], out[1]["stages"]) if need_at else (out, [])
+    def forward(inp):  # -> (logits, stage maps or []); return_features only when attention pairing is on
+        if not need_at:
+            return model(inp), []
+        logits, feats = model(inp, return_features=True)
+        return logits, feats["stages"]
 
     if separate_forward:
         (logits_c, maps_c), (logits_a, maps_a) = forward(x), forward(x_adv)
@@ -213,7 +217,7 @@ def main(argv=None):
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
         trainer.end_epoch(epoch, loss_sum, correct, seen, t0)
-    return trainer.finish()
+    return run.done(trainer.finish())
 
 
 if __name__ == "__main__":

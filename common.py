@@ -810,6 +810,13 @@ def batch_that_fits(saved_per_image, n_params, gpu_bytes, train=False):
     return max(int(free // (PEAK_PER_SAVED * saved_per_image * (2 if train else 1))), 0)
 
 
+def arch_features(arch, info):
+    """(number of stage maps, pooled feature size) of `arch` on this data, from a throwaway CPU build that leaves
+    the random state as it was: checks an arch name, its input size and stage indices before any training."""
+    with torch.random.fork_rng(devices=[]):
+        return feature_shape(model_for(arch, info), info, "cpu")
+
+
 def attention_map(fmap, size=None):
     """Attention Transfer map (Zagoruyko & Komodakis 2017) of a (B, C, H, W) activation: channel mean of
     squares (sign-free, so pre-activation sums work too), optionally average-pooled to `size` (to compare
@@ -918,17 +925,26 @@ DATASET_DEFAULTS = {
     "mnist": dict(arch="papernot-mnist", optimizer="adam", epochs=10, milestones=[8], eps_warmup=1,
                   augment=False, weight_decay=0.0),
 }
+# Defaults that depend on the arch, filled the same way after the per-dataset ones. The Papernot CNNs have no
+# BatchNorm, and the shared SGD lr 0.1 does not train them: natural training of papernot-cifar on the synthetic
+# set, 48 steps of batch 64, stays at chance (7% clean) with SGD 0.1 momentum 0.9 and reaches 77% with Adam 1e-3;
+# under TRADES (ltd.py) SGD's loss jumps to 20 in the first epoch and the network then sits at chance. So Adam
+# 1e-3 without weight decay, as on MNIST.
+ARCH_DEFAULTS = {arch: dict(optimizer="adam", weight_decay=0.0) for arch in ("papernot-mnist", "papernot-cifar")}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends (default: ...) unless the help text already says what the default is."""
+    """Appends "(default: X)" to a flag's help unless X is None or the help already states its default."""
 
     def _get_help_string(self, action):
-        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that fills unset per-dataset flags (DATASET_DEFAULTS) after parsing, once --dataset is known."""
+    """argparse that fills unset per-dataset and per-arch flags (DATASET_DEFAULTS, then ARCH_DEFAULTS) after
+    parsing, once --dataset and --arch are known. A flag the user passes always wins."""
 
     def __init__(self, *a, per_dataset=None, **k):
         super().__init__(*a, **k)
@@ -936,19 +952,21 @@ class _Parser(argparse.ArgumentParser):
                             for d in {*DATASET_DEFAULTS, *(per_dataset or {})}}
 
     def parse_known_args(self, args=None, namespace=None):
-        keys = {k for table in self.per_dataset.values() for k in table}
+        keys = {k for table in [*self.per_dataset.values(), *ARCH_DEFAULTS.values()] for k in table}
         fallback = {a.dest: a.default for a in self._actions if a.dest in keys}
-        for a in self._actions:  # an entry None is resolved by the method itself and not shown
-            if a.dest in keys and a.help != argparse.SUPPRESS and "[per dataset" not in (a.help or ""):
-                shown = "; ".join(f"{d}: {t[a.dest]}" for d, t in sorted(self.per_dataset.items())
-                                  if t.get(a.dest) is not None)
-                a.help = (a.help or "") + (f" [per dataset, {shown}]" if shown else "")
+        for a in self._actions:
+            if a.dest in keys and a.help != argparse.SUPPRESS and "[per " not in (a.help or ""):
+                marks = [f"{d}: {t[a.dest]}" for d, t in sorted(self.per_dataset.items()) if t.get(a.dest) is not None]
+                marks = ["per dataset, " + "; ".join(marks)] if marks else []
+                archs = [arch for arch, t in ARCH_DEFAULTS.items() if a.dest in t]  # one value for all of them
+                marks += [f"per arch, {'/'.join(archs)}: {ARCH_DEFAULTS[archs[0]][a.dest]}"] if archs else []
+                a.help = (a.help + " " if a.help else "") + f"[{'; '.join(marks)}]"
         # argparse leaves attributes already in the namespace alone: None there means "not given"
         ns, rest = super().parse_known_args(args, namespace or argparse.Namespace(**dict.fromkeys(keys)))
         table = self.per_dataset.get(ns.dataset, {})
-        for k in keys:
+        for k in sorted(keys, key=lambda k: k != "arch"):  # the arch first: it picks the per-arch entries
             if getattr(ns, k, None) is None:
-                setattr(ns, k, table.get(k, fallback[k]))
+                setattr(ns, k, table.get(k, ARCH_DEFAULTS.get(ns.arch, {}).get(k, fallback[k])))
         if ns.lr is None:  # Adam's usual 1e-3 unless a table or the method says otherwise
             ns.lr = 1e-3 if ns.optimizer == "adam" else 0.1
         for flag, v in (("--epochs", ns.epochs), ("--teacher-epochs", getattr(ns, "teacher_epochs", None))):
@@ -982,56 +1000,60 @@ def base_parser(description, per_dataset=None, **defaults):
     """The flags every method script shares; `defaults` sets the method's own (paper) defaults, `per_dataset`
     ({dataset: {flag: value}}) its own entries of DATASET_DEFAULTS."""
     p = _Parser(description=description, formatter_class=_HelpFormatter,
-                per_dataset=per_dataset, epilog="Flags marked [per dataset] take the value listed for that dataset "
-                "unless given; the (default: ...) shown is for the other datasets. The method defaults are the "
-                "papers' CIFAR settings, which do not train on MNIST (README, 'Per-dataset defaults').")
-    p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
-    p.add_argument("--data-dir", default="./data", help="where torchvision data lives / the folder tree")
-    p.add_argument("--arch", default="resnet18", help=f"one of {', '.join(ARCHS)}")
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=128, help="per process under torchrun")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    p.add_argument("--lr", type=float, default=None, help="default: 0.1 with SGD, 1e-3 with Adam")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="SGD Nesterov momentum")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--schedule", default="piecewise", choices=["piecewise", "cosine", "onecycle", "constant"])
-    p.add_argument("--milestones", type=int, nargs="*", default=[100, 150],
+                per_dataset=per_dataset, epilog="Flags marked [per dataset] or [per arch] take the value listed for "
+                "that dataset (first) or arch unless given; the (default: ...) shown is for the others. The method "
+                "defaults are the papers' CIFAR settings, which do not train on MNIST (README, 'Per-dataset defaults').")
+    s = p.add_argument_group("shared by every method script")  # after the method's own flags in --help
+    s.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
+    s.add_argument("--data-dir", default="./data", help="where torchvision data lives / the folder tree")
+    s.add_argument("--arch", default="resnet18", help=f"one of {', '.join(ARCHS)}")
+    s.add_argument("--epochs", type=int, default=200, help="training epochs")
+    s.add_argument("--batch-size", type=int, default=128, help="training batch size (per process under torchrun)")
+    s.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd (with --momentum) or adam")
+    s.add_argument("--lr", type=float, default=None, help="default: 0.1 with SGD, 1e-3 with Adam")
+    s.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    s.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="SGD Nesterov momentum")
+    s.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay (the optimizer's weight_decay)")
+    s.add_argument("--schedule", default="piecewise", choices=["piecewise", "cosine", "onecycle", "constant"],
+                   help="lr schedule, stepped every batch: piecewise (x --gamma at each --milestones epoch), cosine to "
+                        "0, one-cycle (up to --lr at 40%%, then down to 0), constant")
+    s.add_argument("--milestones", type=int, nargs="*", default=[100, 150],
                    help="piecewise: lr *= gamma once this many epochs are done (99: from the 100th epoch on)")
-    p.add_argument("--gamma", type=float, default=0.1)
-    p.add_argument("--eps", type=float, default=None, help="L-inf radius (default: 8/255 CIFAR/SVHN, 0.3 MNIST, 4/255 large)")
-    p.add_argument("--alpha", type=float, default=None, help="attack step (default 2.5 eps / steps: 2/255 on CIFAR)")
-    p.add_argument("--steps", type=int, default=10, help="attack steps during training")
-    p.add_argument("--eps-warmup", type=float, default=0,
+    s.add_argument("--gamma", type=float, default=0.1,
+                   help="piecewise: lr factor at each milestone (not --awp-gamma or --asa-gamma)")
+    s.add_argument("--eps", type=float, default=None, help="L-inf radius (default: 8/255 CIFAR/SVHN, 0.3 MNIST, 4/255 large)")
+    s.add_argument("--alpha", type=float, default=None, help="attack step (default 2.5 eps / steps: 2/255 on CIFAR)")
+    s.add_argument("--steps", type=int, default=10, help="attack steps during training")
+    s.add_argument("--eps-warmup", type=float, default=0,
                    help="epochs over which the training eps (and step) ramps linearly from 0 to --eps")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+    s.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random crop (pad 4) + flip of training images (flip off for MNIST/SVHN)")
-    p.add_argument("--val-size", type=int, default=1000, help="training images held out to pick the best checkpoint")
-    p.add_argument("--train-size", type=int, default=None,
+    s.add_argument("--val-size", type=int, default=1000, help="training images held out to pick the best checkpoint")
+    s.add_argument("--train-size", type=int, default=None,
                    help="train on a fixed random subset of N images (taken after the validation hold-out)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=None, help="default: runs/<method>-<dataset>-<arch>, plus -seed<N> and "
+    s.add_argument("--seed", type=int, default=0, help="random seed (torchrun rank r uses seed + r)")
+    s.add_argument("--out-dir", default=None, help="default: runs/<method>-<dataset>-<arch>, plus -seed<N> and "
                    "-eps<E> when --seed or --eps is given (one run per out-dir)")
-    p.add_argument("--workers", type=int, default=8, help="CPU loader workers (large-image folders only)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+    s.add_argument("--workers", type=int, default=8, help="CPU loader workers (large-image folders only)")
+    s.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast on any device (default: on for CUDA, off for CPU)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+    s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format for models and batches (default: on for CUDA, off for CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--sync-bn", action="store_true",
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm); default: "
                         "over each process's own --batch-size images, as nn.DataParallel in AWP's and RSLAD's code")
-    p.add_argument("--pretrained", action="store_true",
+    s.add_argument("--pretrained", action="store_true",
                    help="start from torchvision's ImageNet weights (ImageNet definitions only: images of "
                         f"{IMAGENET_STEM_FROM} px and up; downloaded once by torchvision)")
-    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir (its best.pt, "
+    s.add_argument("--resume", action="store_true", help="continue from <out-dir>/last.pt")
+    s.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir (its best.pt, "
                    "last.pt and log.jsonl are deleted at start); without it or --resume a used out-dir is refused")
-    p.add_argument("--skip-bad-images", action="store_true",
+    s.add_argument("--skip-bad-images", action="store_true",
                    help="folder trees: leave out files that are not readable images (or not the tree's image size)")
-    p.add_argument("--dist-timeout", type=float, default=300,
+    s.add_argument("--dist-timeout", type=float, default=300,
                    help="torchrun: seconds a process waits for the others in a collective before the job stops")
-    p.add_argument("--device", default=None,
+    s.add_argument("--device", default=None,
                    help="cuda / cuda:N / cpu (default: cuda if available; under torchrun each process takes GPU LOCAL_RANK)")
     p.set_defaults(**defaults)
     return p
@@ -1212,6 +1234,9 @@ class Run:
         self.precision = precision_label(self.device, asked)  # for the log: bf16 or float32, and why
         self.channels_last = args.channels_last = gpu if args.channels_last is None else args.channels_last
         self.train_loader, self.val_loader, self.test_loader, self.info = get_loaders(args, self.device, self.rank, self.world)
+        teacher_arch = None if getattr(args, "teacher", None) else getattr(args, "teacher_arch", None)
+        for arch in {args.arch, teacher_arch or args.arch}:  # a bad --arch / --teacher-arch fails now, not after a stage
+            arch_features(arch, self.info)
         args.eps = self.info.eps if args.eps is None else args.eps
         args.alpha = 2.5 * args.eps / max(args.steps, 1) if args.alpha is None else args.alpha
 
@@ -1249,6 +1274,19 @@ class Run:
             return a.eps, a.alpha
         f = min(1.0, (epoch + (i + 1) / max(len(self.train_loader), 1)) / a.eps_warmup)
         return a.eps * f, a.alpha * f
+
+    def done(self, path, diagnose=False):
+        """The script's last lines: the checkpoint to deploy and an evaluate command that fits this device (a
+        CPU gets a quick look at 200 test images, with a few masking checks if `diagnose`; a GPU AA-lite and the
+        masking checks on the full test set). Returns path."""
+        if self.main:
+            if self.device.type == "cpu":
+                flags = "--preset quick --n 200" + (" --diagnose --diagnose-n 16 --square-queries 100" if diagnose else "")
+                tail = "   # a quick CPU look; on a GPU: --preset standard --diagnose"
+            else:
+                flags, tail = "--preset standard --diagnose", ""
+            print(f"[{self.method}] done: {path}\nevaluate it: python evaluate.py {path} {flags}{tail}", flush=True)
+        return path
 
     def optimizer(self, params, steps_per_epoch=None, epochs=None):
         """SGD (momentum, optional Nesterov) or Adam, plus the --schedule as a per-iteration LambdaLR."""
@@ -1522,14 +1560,19 @@ class Trainer:
 
     Files in out_dir: log.jsonl, last.pt (with optimizer/schedule state, for --resume) and best.pt (best
     validation PGD accuracy, or best clean accuracy with select='clean').
+    stage: e.g. "1/2 (teacher)" for the start line; train_on: what the loop's training accuracy is measured
+    on, "adv" (adversarial examples) or "clean".
     """
 
     def __init__(self, run, model, optimizer, schedule, method, out_dir=None, epochs=None, temperature=1.0,
-                 select="pgd", extra_state=None):
+                 select="pgd", extra_state=None, stage=None, train_on="adv"):
         self.run, self.model, self.opt, self.sched, self.method = run, model, optimizer, schedule, method
         self.out_dir = out_dir or run.args.out_dir
         self.epochs = epochs if epochs is not None else run.args.epochs
-        self.temperature, self.select = temperature, select
+        self.temperature, self.select, self.train_on = temperature, select, train_on
+        # the selection metric: validation PGD-10 accuracy (ties go to the cleaner model), or clean accuracy
+        self.best_key = "best_val_clean" if select == "clean" else "best_val_pgd10"
+        self.best_metrics = {}  # best_epoch and the selection metric of best.pt, for the log
         self.extra_state = extra_state or {}  # name -> module or optimizer also saved in last.pt (e.g. heads)
         if dist.is_initialized():  # Run seeds each rank differently: helper modules start from rank 0's weights
             for obj in self.extra_state.values():
@@ -1541,6 +1584,11 @@ class Trainer:
         if run.main:
             os.makedirs(self.out_dir, exist_ok=True)
             remove_stale_tmp(self.out_dir)
+            a, m = run.args, unwrap(model)
+            print(f"[{method}] start{f' stage {stage}' if stage else ''}: arch {getattr(m, 'arch', a.arch)}, dataset "
+                  f"{a.dataset}, device {run.device}{f' x{run.world}' if run.world > 1 else ''}, "
+                  f"{run.precision}{', channels_last' if run.channels_last else ''}, "
+                  f"{self.epochs} epoch{'s' * (self.epochs != 1)}, out-dir {self.out_dir}", flush=True)
         if run.args.resume:
             self._resume()
 
@@ -1598,7 +1646,8 @@ class Trainer:
         torch.set_rng_state(rng["cpu"][r.rank])
         if r.device.type == "cuda" and rng.get("cuda"):
             torch.cuda.set_rng_state(rng["cuda"][r.rank], r.device)
-        self.start_epoch, self.best = ckpt["epoch"] + 1, ckpt["metrics"].get("best", -1.0)
+        self.start_epoch, self.best = ckpt["epoch"] + 1, ckpt.get("best_score", -1.0)
+        self.best_metrics = {k: ckpt["metrics"][k] for k in ("best_epoch", self.best_key) if k in ckpt["metrics"]}
         self.saved_epoch = ckpt["epoch"] + 1
         changed = {k: [saved[k], v] for k, v in now.items()
                    if k in saved and k not in self.RESUME_IGNORES and saved[k] != v}
@@ -1670,13 +1719,16 @@ class Trainer:
         lr = self.opt.param_groups[0]["lr"]
         score = val_clean if self.select == "clean" else val_pgd + 1e-6 * val_clean  # ties: the cleaner model
         improved = score > self.best
-        self.best = max(self.best, score)
+        if improved:
+            self.best = score
+            self.best_metrics = {"best_epoch": epoch + 1, self.best_key: val_clean if steps == 0 else val_pgd}
         eta = (time.time() - self.t0) / (epoch + 1 - self.start_epoch) * (self.epochs - epoch - 1)
-        metrics = {"epoch": epoch + 1, "loss": loss, "train_acc": correct / max(seen, 1), "val_clean": val_clean,
-                   "val_pgd10": val_pgd if steps else None, "lr": lr, "seconds": secs,
-                   "images_per_s": seen / max(secs, 1e-9), "eta_s": eta, "best": self.best, **(extra or {})}
+        metrics = {"epoch": epoch + 1, "loss": loss, "train_acc": correct / max(seen, 1), "train_on": self.train_on,
+                   "val_clean": val_clean, "val_pgd10": val_pgd if steps else None, "lr": lr, "seconds": secs,
+                   "images_per_s": seen / max(secs, 1e-9), "eta_s": eta, **self.best_metrics, **(extra or {})}
         if r.main:
-            print(f"[{self.method}] epoch {epoch + 1}/{self.epochs}  loss {loss:.4f}  train {100 * metrics['train_acc']:.2f}%  "
+            print(f"[{self.method}] epoch {epoch + 1}/{self.epochs}  loss {loss:.4f}  "
+                  f"train ({self.train_on}) {100 * metrics['train_acc']:.2f}%  "
                   f"val clean {100 * val_clean:.2f}%" + (f"  val pgd10 {100 * val_pgd:.2f}%" if steps else "")
                   + f"  lr {lr:.4g}  {secs:.1f}s  {metrics['images_per_s']:.0f} img/s  eta {eta / 60:.1f} min"
                   + "".join(f"  {k} {v:.4g}" for k, v in (extra or {}).items()), flush=True)
@@ -1691,13 +1743,19 @@ class Trainer:
                 atomic_save(ckpt, os.path.join(self.out_dir, "best.pt"))
             rng = {k: [s[k] for s in states] for k in state}
             ckpt.update(optimizer=self.opt.state_dict(), schedule=self.sched.state_dict(), rng=rng,
-                        extra={k: v.state_dict() for k, v in self.extra_state.items()})
+                        extra={k: v.state_dict() for k, v in self.extra_state.items()}, best_score=self.best)
             atomic_save(ckpt, os.path.join(self.out_dir, "last.pt"))
         self.saved_epoch = epoch + 1
         return metrics
 
     def finish(self):
-        """Path of the checkpoint to deploy (best.pt). Under torchrun every rank waits for rank 0's files."""
+        """Path of the checkpoint to deploy (best.pt), printed with its epoch and selection metric. Under
+        torchrun every rank waits for rank 0's files."""
         if dist.is_initialized():
             dist.barrier()
-        return os.path.join(self.out_dir, "best.pt")
+        path = os.path.join(self.out_dir, "best.pt")
+        if self.run.main and self.best_metrics:
+            b = self.best_metrics
+            print(f"[{self.method}] best.pt: epoch {b['best_epoch']}, {self.best_key[5:].replace('_', ' ')} "
+                  f"{100 * b[self.best_key]:.2f}% -> {path}", flush=True)
+        return path

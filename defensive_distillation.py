@@ -162,12 +162,12 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def train_stage(run, model, loss_fn, name, out_dir, epochs, deploy_temperature):
+def train_stage(run, model, loss_fn, name, out_dir, epochs, deploy_temperature, stage=None):
     """One stage: the visible training loop. loss_fn(train_model, x, y) -> (loss, logits)."""
     train_model = run.prepare(model)
     opt, sched = run.optimizer(model.parameters(), epochs=epochs)
     trainer = common.Trainer(run, model, opt, sched, name, out_dir=out_dir, epochs=epochs,
-                             temperature=deploy_temperature, select="clean")
+                             temperature=deploy_temperature, select="clean", stage=stage, train_on="clean")
     chance = math.log(run.info.num_classes)
     for epoch in trainer.epochs_to_run():
         run.train_loader.set_epoch(epoch)
@@ -189,7 +189,8 @@ def train_stage(run, model, loss_fn, name, out_dir, epochs, deploy_temperature):
         if run.main and metrics["loss"] > 0.9 * chance:
             print(f"warning: [{name}] training loss {metrics['loss']:.3f} is still near log({run.info.num_classes}) = "
                   f"{chance:.3f} (chance) at T={run.args.temperature:g}: the network is not learning yet; "
-                  f"try more epochs, a larger --lr/--momentum with --nesterov, or --optimizer adam", flush=True)
+                  f"try more epochs" + (", a larger --lr" if run.args.optimizer == "adam" else
+                                         ", a larger --lr/--momentum with --nesterov, or --optimizer adam"), flush=True)
     return trainer.finish()
 
 
@@ -213,18 +214,18 @@ def main(argv=None):
     if teacher_path is None:
         teacher = run.model()
         teacher_path = train_stage(run, teacher, lambda m, x, y: temperature_ce_loss(m, x, y, T),
-                                   METHOD + "-teacher", os.path.join(args.out_dir, "teacher"), args.teacher_epochs, T)
+                                   METHOD + "-teacher", os.path.join(args.out_dir, "teacher"), args.teacher_epochs, T,
+                                   stage="1/2 (teacher F)")
     teacher = load_teacher(teacher_path, run)  # the best stage-1 checkpoint, frozen
 
     # Stage 2: the distilled network F_d, same arch, same T, on soft labels; deployed at temperature 1.
     student = run.model()
     path = train_stage(run, student, lambda m, x, y: distillation_loss(m, x, soft_labels(teacher, x, T), T),
-                       METHOD, args.out_dir, args.epochs, 1.0)
-
+                       METHOD, args.out_dir, args.epochs, 1.0, stage=None if args.teacher else "2/2 (distilled F_d)")
     if run.main:
-        print(f"[{METHOD}] deployed F_d (temperature 1): {path}\n  attack it with margin/DLR losses and look at the "
-              f"masking diagnostics: python evaluate.py {path} --preset standard --diagnose")
-    return path
+        print(f"[{METHOD}] F_d is deployed at temperature 1: attack it with margin/DLR losses (APGD-T, CW) and read "
+              f"the masking diagnostics")
+    return run.done(path, diagnose=True)
 
 
 if __name__ == "__main__":

@@ -229,30 +229,48 @@ class ProjectionHeads(nn.Module):
         return F.normalize(self.student(zs), dim=1), F.normalize(self.teacher(zt), dim=1)
 
 
+def at_stage_indices(at_stages, n_s, n_t):
+    """Stage maps paired by Attention Transfer: `at_stages` (checked against both models), or with None the
+    first three both models have (all of them on a two-stage CNN)."""
+    n = min(n_s, n_t)
+    idx = list(range(min(3, n))) if at_stages is None else list(at_stages)
+    if any(not 0 <= i < n for i in idx):
+        raise ValueError(f"stage indices {idx}: the student has {n_s} stage maps, the teacher {n_t}")
+    return idx
+
+
 def infoard_loss(student, teacher, heads, x, y, eps=8 / 255, alpha=2 / 255, steps=10, asa="instance", inner="rslad",
-                 eps_range=None, gamma=1.9 / 255, w_kl=1.0, w_nce=1.0, w_at=1000.0, tau=0.07, at_stages=(0, 1, 2),
+                 eps_range=None, gamma=1.9 / 255, w_kl=1.0, w_nce=1.0, w_at=1000.0, tau=0.07, at_stages=None,
                  table=None, idx=None, asa_options=None):
-    """ASA attack + MIM loss for one batch; returns (loss, student logits on x'). The caller keeps the teacher
-    in eval mode; it gets no gradient from here. The student ends in the mode it came in; heads may be None
-    if w_nce = 0. asa='instance' needs `table` (a tensor of eps_i per training sample, updated in place at
-    rows `idx`, the batch's sample indices); asa_options: asa_attack's beta, zero_wrong, apply, probe."""
+    """ASA attack + MIM loss for one batch (crafts its own x'); returns (loss, student logits on x'). The caller
+    keeps the teacher in eval mode; it gets no gradient from here. The student ends in the mode it came in.
+
+    Models map images in [0, 1] to logits; only with w_nce or w_at != 0 are they called as
+    model(x, return_features=True) -> (logits, {"stages": [maps], "pooled": (B, d)}). heads (ProjectionHeads)
+    may be None if w_nce = 0. at_stages: see at_stage_indices. asa='instance' moves `table` (a tensor of eps_i
+    per training sample) in place at rows `idx` (the batch's sample indices); without a table it attacks at
+    the fixed eps, as asa='off'. asa_options: asa_attack's beta, zero_wrong, apply, probe."""
     assert not teacher.training, "teacher must be in eval mode (train mode updates its BN statistics)"
-    with torch.no_grad():
-        t_logits, t_feats = float32(teacher, x, return_features=True)
+    feats = bool(w_nce or w_at)  # feature terms on: both models must return their features
+    forward = lambda net, v: net(v, return_features=True) if feats else (net(v), None)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # the teacher in float32
+        t_logits, t_feats = forward(teacher, x)
+    if asa == "instance" and table is None:
+        asa = "off"
     eps_i = table[idx] if asa == "instance" else None
     x_adv, _, eps_next = asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa, inner, eps_range, gamma,
                                     eps_i, **(asa_options or {}))
     if eps_next is not None:
         table[idx] = eps_next
-    s_adv, s_feats = student(x_adv, return_features=True)
+    s_adv, s_feats = forward(student, x_adv)
     loss = w_kl * rslad_kl(t_logits, s_adv, student(x))
     if w_nce:  # feature level: adversarial student <-> clean teacher, other images of the batch as negatives
         with torch.autocast(x.device.type, enabled=False):  # fp32 heads and similarities (tau 0.07)
             zs, zt = heads(s_feats["pooled"].float(), t_feats["pooled"].float())
             loss = loss + w_nce * info_nce(zs, zt, tau)
     if w_at:  # attention level: where the adversarial student looks <-> where the clean teacher looks
-        pick = lambda stages: [stages[i] for i in at_stages]
-        loss = loss + w_at * attention_loss(pick(s_feats["stages"]), pick(t_feats["stages"]))
+        pick = at_stage_indices(at_stages, len(s_feats["stages"]), len(t_feats["stages"]))
+        loss = loss + w_at * attention_loss([s_feats["stages"][i] for i in pick], [t_feats["stages"][i] for i in pick])
     return loss, s_adv.detach()
 
 
@@ -264,7 +282,7 @@ MIM = {"logit": (0, 0), "logit+feature": (1, 0), "logit+attention": (0, 1), "all
 
 def get_args(argv=None):
     p = common.base_parser(__doc__.splitlines()[0], epochs=200, weight_decay=2e-4,
-                           per_dataset={"mnist": dict(teacher_arch="papernot-mnist", at_stages=[0, 1], asa_warmup=2)})
+                           per_dataset={"mnist": dict(teacher_arch="papernot-mnist", asa_warmup=2)})
     p.add_argument("--teacher", default=None, help="robust teacher checkpoint; without it a PGD-AT teacher is trained first")
     p.add_argument("--teacher-arch", default="wrn-34-10", help="arch of the teacher trained when --teacher is absent")
     p.add_argument("--teacher-epochs", type=int, default=None, help="epochs of that teacher (None: --epochs)")
@@ -294,8 +312,9 @@ def get_args(argv=None):
     p.add_argument("--w-at", type=float, default=1000.0, help="weight of Attention Transfer (ours, RepDistiller's)")
     p.add_argument("--nce-tau", type=float, default=0.07, help="InfoNCE temperature (ours, CRD's)")
     p.add_argument("--nce-dim", type=int, default=128, help="projection-head output size (ours, CRD's)")
-    p.add_argument("--at-stages", type=int, nargs="+", default=[0, 1, 2],
-                   help="indices of the stage maps paired by Attention Transfer, same for both models (ours)")
+    p.add_argument("--at-stages", type=int, nargs="+", default=None,
+                   help="indices of the stage maps paired by Attention Transfer, same for both models (default: "
+                        "the first three both models have, i.e. 0 1 2, or 0 1 on the two-stage Papernot CNNs; ours)")
     args = p.parse_args(argv)
     args.teacher_epochs = args.epochs if args.teacher_epochs is None else args.teacher_epochs
     rslad_mode = (args.asa, args.mim, args.inner) == ("off", "logit", "rslad")
@@ -321,7 +340,7 @@ def train_teacher(run):
     train_model = run.prepare(model)
     opt, sched = run.optimizer(model.parameters(), epochs=a.teacher_epochs)
     trainer = common.Trainer(run, model, opt, sched, "pgd-at", out_dir=os.path.join(a.out_dir, "teacher"),
-                             epochs=a.teacher_epochs)
+                             epochs=a.teacher_epochs, stage="1/2 (teacher)")
     for epoch in trainer.epochs_to_run():
         run.train_loader.set_epoch(epoch)
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
@@ -358,20 +377,30 @@ def main(argv=None):
     if args.asa == "instance" and not isinstance(run.train_loader, common.TensorLoader):
         raise common.UserError("--asa instance needs a dataset held in memory (not a streamed folder); use --asa conf")
     # frozen, eval mode, temperature 1 (RSLAD/AdaAD distil from raw logits), same dataset checked
-    teacher = common.load_teacher(args.teacher or train_teacher(run), run)
+    teacher = common.load_teacher(args.teacher, run) if args.teacher else None
+    # stage counts from the teacher given, else from --teacher-arch: checked before any training
+    n_s, d_s = common.arch_features(args.arch, run.info)
+    if teacher is not None:
+        n_t, d_t = common.feature_shape(teacher, run.info, run.device)
+    else:
+        n_t, d_t = common.arch_features(args.teacher_arch, run.info)
+    try:
+        args.at_stages = at_stage_indices(args.at_stages, n_s, n_t)
+    except ValueError as e:
+        if args.w_at:
+            raise common.UserError(f"--at-stages: {e}") from None
+    if teacher is None:
+        teacher = common.load_teacher(train_teacher(run), run)
     table = StrengthTable(len(run.train_loader.y), args.eps).to(run.device) if args.asa == "instance" else None
     eps_table = table.eps if table is not None else None  # the same tensor (--resume loads into it in place)
     run.train_loader.with_index = table is not None  # then batches come as (x, y, sample indices)
     student = run.model()
-    (n_s, d_s) = common.feature_shape(student, run.info, run.device)
-    (n_t, d_t) = common.feature_shape(teacher, run.info, run.device)
-    if args.w_at and not all(0 <= i < min(n_s, n_t) for i in args.at_stages):
-        raise common.UserError(f"--at-stages {args.at_stages}: student has {n_s} stage maps, teacher {n_t}")
     heads = ProjectionHeads(d_s, d_t, args.nce_dim).to(run.device) if args.w_nce else None
     train_model = run.prepare(student)
     opt, sched = run.optimizer(list(student.parameters()) + (list(heads.parameters()) if heads else []))
     extra = {k: v for k, v in (("heads", heads), ("eps_table", table)) if v is not None}
-    trainer = common.Trainer(run, student, opt, sched, method, temperature=1.0, extra_state=extra)
+    trainer = common.Trainer(run, student, opt, sched, method, temperature=1.0, extra_state=extra,
+                             stage=None if args.teacher else "2/2 (student)")
     lo, hi = args.asa_range or (0.5 * args.eps, 1.5 * args.eps)
     cfg = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, inner=args.inner, gamma=args.asa_gamma,
                w_kl=args.w_kl, w_nce=args.w_nce, w_at=args.w_at, tau=args.nce_tau, at_stages=args.at_stages,
@@ -401,7 +430,7 @@ def main(argv=None):
         if table is not None:
             table.sync(start)  # every rank (and last.pt) holds the whole table
         trainer.end_epoch(epoch, loss_sum, correct, seen, t0, extra=table.stats() if table is not None else None)
-    return trainer.finish()
+    return run.done(trainer.finish())
 
 
 if __name__ == "__main__":

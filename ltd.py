@@ -222,14 +222,15 @@ def get_args(argv=None):
     return args
 
 
-def train_stage(run, model, method, out_dir, epochs, tau_s=1.0, teacher=None):
+def train_stage(run, model, method, out_dir, epochs, tau_s=1.0, teacher=None, stage=None):
     """TRADES(-AWP) training of `model`; with a teacher, LTD. Returns the path of best.pt."""
     a = run.args
     train_model = run.prepare(model)
     opt, sched = run.optimizer(model.parameters(), epochs=epochs)
     proxy = copy.deepcopy(model) if a.awp and a.awp_gamma > 0 else None
     bn_order = "trades-awp" if proxy is not None else "trades"  # the reference code's forward order
-    trainer = common.Trainer(run, model, opt, sched, method, out_dir=out_dir, epochs=epochs, temperature=tau_s)
+    trainer = common.Trainer(run, model, opt, sched, method, out_dir=out_dir, epochs=epochs, temperature=tau_s,
+                             stage=stage)
     for epoch in trainer.epochs_to_run():
         run.train_loader.set_epoch(epoch)
         t0, loss_sum, correct, seen = time.time(), 0.0, 0, 0
@@ -273,13 +274,14 @@ def main(argv=None):
     if run.main and not args.no_distill and args.tau_t == args.tau_s:
         print("note: tau_t == tau_s; allowed since the paper's v4 (2025), whose abstract no longer says 'different'")
     if args.no_distill:
-        return train_stage(run, run.model(), base, args.out_dir, args.epochs)
+        return run.done(train_stage(run, run.model(), base, args.out_dir, args.epochs))
     path = args.teacher
     if path is None:
         path = train_stage(run, run.model(args.teacher_arch), base, os.path.join(args.out_dir, "teacher"),
-                           args.teacher_epochs or args.epochs)
+                           args.teacher_epochs or args.epochs, stage="1/2 (teacher)")
     teacher = common.load_teacher(path, run)  # frozen, eval, temperature 1
-    return train_stage(run, run.model(), "ltd", args.out_dir, args.epochs, args.tau_s, teacher)
+    return run.done(train_stage(run, run.model(), "ltd", args.out_dir, args.epochs, args.tau_s, teacher,
+                                stage=None if args.teacher else "2/2 (student)"))
 
 
 if __name__ == "__main__":

@@ -257,6 +257,11 @@ def test_checkpoint_round_trip(trained_run):
     lines = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["epoch"] for r in lines] == [1, 2]
     assert {"loss", "train_acc", "val_clean", "val_pgd10", "lr", "seconds", "images_per_s", "eta_s"} <= set(lines[0])
+    # the selection metric itself (not the internal tie-break score), and what the train accuracy is measured on
+    best = max(range(2), key=lambda i: (lines[i]["val_pgd10"], lines[i]["val_clean"], -i))
+    assert "best" not in lines[1] and lines[1]["train_on"] == "adv"
+    assert (lines[1]["best_epoch"], lines[1]["best_val_pgd10"]) == (best + 1, lines[best]["val_pgd10"])
+    assert ckpt["metrics"]["best_epoch"] == best + 1  # best.pt is that epoch
 
 
 def test_resume_continues_at_the_right_epoch_with_same_optimizer_state(trained_run, tmp_path):
@@ -273,6 +278,7 @@ def test_resume_continues_at_the_right_epoch_with_same_optimizer_state(trained_r
     assert len(bufs) == len(want) > 0 and all(torch.equal(a, b) for a, b in zip(bufs, want))
     assert sched.last_epoch == saved["schedule"]["last_epoch"]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved["model"].values()))
+    assert trainer.best == saved["best_score"] and trainer.best_metrics["best_epoch"] == saved["metrics"]["best_epoch"]
 
 
 def test_interrupted_write_leaves_old_checkpoint_intact(tmp_path, monkeypatch):
@@ -371,6 +377,49 @@ def test_per_dataset_defaults_apply_only_where_not_given():
     assert (a.arch, a.optimizer, a.lr, a.eps_warmup) == ("wrn-10-1", "sgd", 0.1, 0)
     a = p().parse_args(["--dataset", "cifar10"])
     assert (a.arch, a.epochs, a.optimizer, a.lr, a.eps_warmup) == ("wrn-34-10", 200, "sgd", 0.1, 0)
+
+
+def test_per_arch_defaults_fill_what_neither_the_user_nor_the_dataset_table_sets():
+    p = lambda: common.base_parser("t", arch="wrn-34-10", weight_decay=2e-4)
+    a = p().parse_args(["--dataset", "cifar10", "--arch", "papernot-cifar"])  # BN-free: Adam 1e-3, no decay
+    assert (a.optimizer, a.lr, a.weight_decay) == ("adam", 1e-3, 0.0)
+    a = p().parse_args(["--arch", "papernot-cifar", "--optimizer", "sgd", "--weight-decay", "5e-4"])
+    assert (a.optimizer, a.lr, a.weight_decay) == ("sgd", 0.1, 5e-4)  # a flag the user passes wins
+    a = p().parse_args(["--arch", "resnet18"])
+    assert (a.optimizer, a.lr, a.weight_decay) == ("sgd", 0.1, 2e-4)  # other archs: the method's defaults
+    a = p().parse_args(["--dataset", "mnist", "--arch", "papernot-cifar"])
+    assert (a.optimizer, a.epochs, a.milestones) == ("adam", 10, [8])
+
+
+def test_help_lists_the_methods_own_flags_first_each_with_help(monkeypatch, capsys):
+    import at_alp, defensive_distillation, infoard, ltd
+    parsers, parse = [], common._Parser.parse_known_args
+    monkeypatch.setattr(common._Parser, "parse_known_args", lambda self, *a, **k: parsers.append(self) or parse(self, *a, **k))
+    for module, own in ((ltd, "--tau-t"), (at_alp, "--alp"), (infoard, "--asa"), (defensive_distillation, "--temperature")):
+        with pytest.raises(SystemExit):
+            module.get_args(["--help"])
+        text = capsys.readouterr().out
+        shared = text.index("shared by every method script:")
+        assert text.index(f"  {own} ") < shared < text.index("  --dataset ") and text.index("  --gamma ") > shared
+        assert "(default: None)" not in text and "default: 0.1 with SGD, 1e-3 with Adam (default" not in text
+        assert [a.dest for a in parsers[-1]._actions if not a.help] == []
+
+
+def test_start_line_stage_end_and_evaluate_hint(tmp_path, capsys):
+    args = common.base_parser("t", epochs=3).parse_args(TINY + ["--out-dir", str(tmp_path)])
+    run = common.Run(args, "pgd-at")
+    model = run.model()
+    opt, sched = run.optimizer(model.parameters())
+    trainer = common.Trainer(run, model, opt, sched, "pgd-at", stage="1/2 (teacher)")
+    assert capsys.readouterr().out.splitlines() == [
+        f"[pgd-at] start stage 1/2 (teacher): arch wrn-10-1, dataset synthetic, device cpu, float32, 3 epochs, "
+        f"out-dir {tmp_path}"]
+    trainer.end_epoch(0, torch.tensor(2.0 * 64), 8, 64, 0.0)
+    path = run.done(trainer.finish())
+    lines = capsys.readouterr().out.splitlines()
+    assert "train (adv) 12.50%" in lines[0] and lines[1].startswith("[pgd-at] best.pt: epoch 1, val pgd10 ")
+    assert lines[1].endswith(f"-> {path}") and lines[2] == f"[pgd-at] done: {path}"
+    assert lines[3].startswith(f"evaluate it: python evaluate.py {path} --preset quick --n 200")
 
 
 def test_eps_warmup_ramps_linearly(tmp_path):

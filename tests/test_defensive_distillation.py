@@ -186,7 +186,10 @@ def test_teacher_reuse_and_mismatch(distilled, tmp_path, capsys):
 def test_stalled_training_warns(tmp_path, capsys):
     dd.main(FAST + ["--optimizer", "sgd", "--lr", "1e-6", "--epochs", "1", "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert out.count("near log(10)") == 2  # once per stage
+    assert out.count("near log(10)") == 2 and "or --optimizer adam" in out  # once per stage, with SGD's advice
+    path = tmp_path / "best.pt"  # the closing hint: a CPU evaluation with a few masking checks, about a minute
+    assert f"evaluate it: python evaluate.py {path} --preset quick --n 200 --diagnose --diagnose-n 16 " \
+           f"--square-queries 100" in out
 
 
 def test_bad_flags():

@@ -237,7 +237,7 @@ def test_defaults():
     assert (a.weight_decay, a.lr, a.momentum, a.epochs, a.milestones, a.batch_size) == (2e-4, 0.1, 0.9, 200, [100, 150], 128)
     assert (a.steps, a.eps, a.alpha, a.teacher_epochs, a.teacher_arch) == (10, None, None, 200, "wrn-34-10")
     assert (a.asa, a.inner, a.w_kl, a.w_nce, a.w_at, a.nce_tau, a.nce_dim) == ("instance", "rslad", 1.0, 1.0, 1000.0, 0.07, 128)
-    assert a.asa_range is None and a.at_stages == [0, 1, 2] and a.asa_gamma is None and a.asa_warmup == 10  # gamma: eps x 1.9/8, resolved by main
+    assert a.asa_range is None and a.at_stages is None and a.asa_gamma is None and a.asa_warmup == 10  # gamma: eps x 1.9/8, resolved by main
     assert infoard.method_name(a) == "infoard"
     base = infoard.get_args(["--asa", "off", "--mim", "logit"])
     assert (base.w_nce, base.w_at, base.w_kl) == (0, 0, 0.1)  # the RSLAD arm: only the KL, at RSLAD's scale
@@ -391,3 +391,49 @@ def test_strength_table_moves_logs_and_survives_resume(tmp_path, monkeypatch):
                          "--out-dir", str(tmp_path / "conf")])
     assert len(ramp) == 3 and ramp[0][0] < ramp[-1][0] == pytest.approx(EPS)
     assert all(r == pytest.approx((0.5 * e, 1.5 * e)) for e, r in ramp)
+
+
+class Reached(Exception):
+    pass
+
+
+def test_stage_flags_are_checked_before_the_teacher_trains(tmp_path, monkeypatch):
+    small_synthetic(monkeypatch)
+    seen = []
+
+    def train_teacher(run):  # stands in for the expensive stage: record the stages resolved before it
+        seen.append(run.args.at_stages)
+        raise Reached
+
+    monkeypatch.setattr(infoard, "train_teacher", train_teacher)
+    run = lambda arch, teacher_arch, *extra: infoard.main(
+        ["--dataset", "synthetic", "--device", "cpu", "--val-size", "32", "--out-dir", str(tmp_path),
+         "--arch", arch, "--teacher-arch", teacher_arch, *extra])
+    with pytest.raises(common.UserError, match=r"--at-stages: stage indices \[0, 1, 2\]: the student has 2 stage maps"):
+        run("papernot-cifar", "papernot-cifar", "--at-stages", "0", "1", "2")
+    with pytest.raises(common.UserError, match=r"wrn depth must be 6n\+4"):  # a bad student arch: also before
+        run("wrn-11-1", "papernot-cifar")
+    assert seen == []  # refused before any training
+    with pytest.raises(Reached):  # the default pairs what both models have
+        run("papernot-cifar", "papernot-cifar")
+    with pytest.raises(Reached):
+        run("papernot-cifar", "wrn-10-1")
+    with pytest.raises(Reached):
+        run("wrn-10-1", "wrn-10-1")
+    assert seen == [[0, 1], [0, 1], [0, 1, 2]]
+
+
+def test_loss_defaults_fit_the_models(monkeypatch):
+    """Without a strength table the attack uses the fixed eps; the default stages are those both models have."""
+    torch.manual_seed(0)
+    student, teacher = common.build_model("papernot-cifar", 10), common.build_model("papernot-cifar", 10).eval()
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(10, (4,))
+    heads = infoard.ProjectionHeads(256, 256)
+    calls = []
+    attack = infoard.asa_attack
+    monkeypatch.setattr(infoard, "asa_attack", lambda *a, **k: calls.append(a[8]) or attack(*a, **k))
+    loss, logits = infoard.infoard_loss(student, teacher, heads, x, y, steps=1)
+    assert torch.isfinite(loss) and logits.shape == (4, 10) and calls == ["off"]
+    assert infoard.at_stage_indices(None, 4, 3) == [0, 1, 2] and infoard.at_stage_indices(None, 2, 4) == [0, 1]
+    with pytest.raises(ValueError, match="the student has 2 stage maps, the teacher 2"):
+        infoard.infoard_loss(student, teacher, heads, x, y, steps=1, at_stages=(0, 2))

@@ -308,3 +308,9 @@ def test_given_teacher_baseline_and_mismatched_teacher(trained, tmp_path, monkey
     torch.save(ck, tmp_path / "wrong.pt")
     with pytest.raises(common.UserError, match="teacher .* is for cifar10"):
         ltd.main(TINY + ["--epochs", "1", "--teacher", str(tmp_path / "wrong.pt"), "--out-dir", str(tmp_path / "w")])
+
+
+def test_a_bad_student_arch_is_refused_before_the_teacher_trains(tmp_path, monkeypatch):
+    monkeypatch.setattr(ltd, "train_stage", lambda *a, **k: pytest.fail("a stage started training"))
+    with pytest.raises(common.UserError, match=r"wrn depth must be 6n\+4"):
+        ltd.main(TINY + ["--arch", "wrn-11-1", "--teacher-arch", "wrn-10-1", "--out-dir", str(tmp_path)])
