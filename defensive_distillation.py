@@ -101,7 +101,7 @@ def distillation_loss(model, x, soft, temperature):
 # ----------------------------------------------------------------------------------------------
 def get_args(argv=None):
     # The paper's budget on every dataset: T = 100, 50 epochs, batch 128; MNIST keeps them (not the shared MNIST
-    # table's 10 epochs) with a constant lr [S]; elsewhere the lr halves every 10 epochs. Adam, not the
+    # table's 10 epochs) with a constant lr [R]; elsewhere the lr halves every 10 epochs. Adam, not the
     # paper's SGD: one SGD lr cannot train both T = 100 and the T = 1 control (docstring).
     p = common.base_parser(__doc__.splitlines()[0], epochs=50, batch_size=128, optimizer="adam", momentum=0.9,
                            weight_decay=0.0, arch="papernot-cifar", schedule="piecewise", milestones=None, gamma=0.5,
