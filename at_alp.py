@@ -17,7 +17,7 @@ and the training loss on a batch (x, y), with x' = PGD(x) crafted against the mo
         + lambda_alp  mean_{b,k} (f(x)_bk - f(x')_bk)^2
         + beta_at     sum_{j in stages} mean_{b,p} (a(A_j(x))_bp - a(A_j(x'))_bp)^2
 
-Gradients flow through both branches of each pairing term (no stop-gradient: our reading [I], §3.2).
+Gradients flow through both branches of each pairing term (no stop-gradient: our reading [R]).
 Special cases, same file:
   --alp 0 --at 0 --w-clean 0 --w-adv 1   Madry's PGD-AT objective (the baseline; no clean forward)
   --alp 0 --at 0                         mixed-minibatch adversarial training (Kannan et al.'s M-PGD)
@@ -27,17 +27,13 @@ Train and evaluate (CIFAR-10, eps 8/255, PGD-10 with step 2/255):
   python at_alp.py --dataset cifar10                                      # -> runs/at_alp-cifar10-resnet18/best.pt
   python evaluate.py runs/at_alp-cifar10-resnet18/best.pt --preset standard --diagnose   # white-box AA-lite
   python at_alp.py --dataset cifar10 --alp 0 --at 0 --w-clean 0 --w-adv 1 --out-dir runs/pgdat   # baseline
-The paper's own threat model [C abstract; eps reading I]: gray-box and black-box PGD only, 10 to 200
-iterations, eps 0.25 and 0.5 of the pixel range = 64/255 and 128/255 (the sister paper ATLPA writes 64 and
-128); headline on Flowers-17. Gray-box = PGD crafted on an independently trained copy (same arch and data,
-another seed), black-box = crafted on a model of another arch; evaluate.py's --transfer-steps sets the
-iterations (step eps/4, random start). Flowers-17 (Nilsback & Zisserman: jpg/image_0001..1360.jpg, class k =
-images 80k+1..80k+80) goes in as a tree TREE/train/<class>/*.jpg + TREE/test/<class>/*.jpg (e.g. split 1:
-trn1 + val1 -> train, tst1 -> test); --dataset folder streams it at 224 px into torchvision's ImageNet networks
-(the network is ours: the paper's is not known). Training at eps 64/255 is ours (the paper's training budget is
-unknown); repeat everything with 0.50196 (128/255). Batch 128 (a joint [x; x'] batch of 256) fits one 80 GB
-GPU in float32 for both networks by the README's memory table (up to 273 and 302); on a 24 GB GPU use
---batch-size 64. --pretrained starts from torchvision's ImageNet weights (ours; the paper does not say):
+The paper's threat model ([C] abstract; the eps reading is [R]): gray-box and black-box PGD only, 10 to 200
+iterations, eps 0.25 and 0.5 of the pixel range = 64/255 and 128/255 (as the sister paper ATLPA writes),
+headline on Flowers-17. Gray-box = PGD crafted on an independently trained copy (another seed), black-box =
+on a model of another arch (--transfer-steps: iterations, step eps/4, random start). Flowers-17 goes in as
+TREE/train/<class>/*.jpg + TREE/test/<class>/*.jpg (README, Data), streamed at 224 px into torchvision's
+ImageNet networks; network, training eps and --pretrained are ours [R]; repeat with --eps 0.50196 (128/255).
+Batch 128 fits an 80 GB GPU in float32 (README's memory table); on 24 GB use --batch-size 64:
   python at_alp.py --dataset folder --data-dir TREE --eps 0.25098 --arch resnet50 --batch-size 128 --out-dir runs/f17
   python at_alp.py --dataset folder --data-dir TREE --eps 0.25098 --arch resnet50 --batch-size 128 --out-dir runs/f17-copy \
       --seed 1                                                                                        # gray src
@@ -49,26 +45,24 @@ GPU in float32 for both networks by the README's memory table (up to 273 and 302
   python evaluate.py runs/f17/best.pt --preset standard --diagnose  # white-box AA-lite at eps 4/255 (and --eps 0.25098)
 Report white-box AA-lite next to any transfer number: logit pairing is known to look far stronger than it
 is under weak or transfer attacks (Engstrom et al. 2018, arXiv 1807.10272; Mosbach et al. 2018).
-Measured: real MNIST only, on a CPU (README, Results): `python at_alp.py --dataset mnist` (its defaults, 10
-epochs) 98.2% clean / 90.4% AA-lite at eps 0.3 on 500 test images; at 4 epochs on 10,000 images 70.2% / 12.6%
-(PGD-AT 94.8% / 31.2%). No CIFAR or Flowers-17 numbers yet.
+Measured: real MNIST only, on a CPU (README, Results): `python at_alp.py --dataset mnist` (10 epochs)
+98.2% clean / 90.4% AA-lite at eps 0.3 on 500 test images. No CIFAR or Flowers-17 numbers.
 
-Fidelity ([C] confirmed from a primary source, [I] our inference, [?] unknown; § = our research notes).
-Only the abstract of the paper was available to us.
-  Confirmed [C]: pairing of logits AND of Zagoruyko-Komodakis attention maps between clean and adversarial
-    examples on top of adversarial training (abstract); ALP's loss = mixed CE + lambda * MSE of logits and
-    its joint forward of [x; x'] with the attack crafted in eval mode (tensorflow/models ALP code, §6.1);
+Fidelity (legend in README.md, 'Fidelity'): only the abstract of the paper was available to us.
+  [C]: pairing of logits and of Zagoruyko-Komodakis attention maps between clean and adversarial examples
+    on top of adversarial training, and the threat model above (abstract); ALP's loss = mixed CE + lambda *
+    MSE of logits and its joint forward of [x; x'] with the attack crafted in eval mode (tensorflow/models,
+    research/adversarial_logit_pairing);
     the attention map = channel mean of squares, L2-normalised, and its loss = mean squared difference,
-    summed over residual stages with beta = 1e3 (szagoruyko/attention-transfer code, §6.2).
-  Threat model (this pass): the evaluation commands above follow the abstract (gray-/black-box PGD, 10 to
-    200 iterations, eps 0.25/0.5); the 64/255 and 128/255 reading, the step eps/4 and the source models
-    (seed-1 copy, MobileNetV2) are ours [I]; earlier the docs gave a PGD-20 gray-box check only.
-  Reconstructed (ours, §3.2-§4): how the two precursors are combined into one loss; the constants
+    summed over residual stages with beta = 1e3 (szagoruyko/attention-transfer, utils.py).
+  [R] threat model: the 64/255 and 128/255 reading of eps, the step eps/4 and the source models (seed-1
+    copy, MobileNetV2).
+  [R] loss: how the two precursors are combined into one loss; the constants
     w_clean = w_adv = 0.5, lambda_alp = 0.5, beta_at = 1000 (taken from the precursors, not confirmed for
     AT+ALP); the stages paired (default all); untargeted PGD on the true label for training (ALP used
     least-likely targeted PGD: --targeted-ll); no label smoothing (ALP's code used 0.1); the architecture,
     optimiser and schedule (the shared defaults of this repository).
-  Stage maps (ours): the maps paired are common.py's. For wrn the third stage is taken after the final
+  [R] stage maps: the maps paired are common.py's. For wrn the third stage is taken after the final
     BN-ReLU, whereas the AT code pairs that group's output before the BN (the other stages match).
 """
 import time

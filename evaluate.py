@@ -280,7 +280,7 @@ def cascade_warnings(names, acc_after):
 
 # --------------------------------------------------------------------------------- Diagnostics
 def diagnose(model, x, y, eps, alpha, num_classes, autocast, square_queries=1000, status=None):
-    """Gradient-masking checks (Carlini et al. 2019, section 5 of our defensive-distillation notes).
+    """Gradient-masking checks (Carlini et al. 2019, "On Evaluating Adversarial Robustness", arXiv:1902.06705).
     Every accuracy is a float32 verdict; Square runs in float32 whatever the autocast."""
     d, reasons = {}, []
     z = predict_logits(model, x)  # diagnostics in float32: saturation is a numerical effect

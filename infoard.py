@@ -7,7 +7,7 @@ Mohammed Bennamoun. IEEE Transactions on Image Processing, 2025, doi 10.1109/TIP
 Idea. A robust teacher T is distilled into a small student S on adversarial examples, as in RSLAD. The
 abstract names two problems of adversarial distillation, a fixed attack strength and "attention region
 shift", and answers them with ASA (attack-strength adaptation) + MIM (mutual-information maximisation).
-Our reconstruction [P]: ASA gives every training image its own budget eps_i, remembered across epochs and
+Our reconstruction [R]: ASA gives every training image its own budget eps_i, remembered across epochs and
 moved by how the student copes with it; MIM pulls, besides the logits, the student's pooled features and its
 attention maps towards the teacher's. With p_T = softmax(T(x)), x' the ASA adversarial example:
 
@@ -21,8 +21,8 @@ attention maps towards the teacher's. With p_T = softmax(T(x)), x' the ASA adver
       + w_nce InfoNCE(g_s(z_S(x')), g_t(z_T(x)); tau)                              (I(z_S; z_T) >= log B - L_nce)
       + w_at  sum_{l=1..3} mean (a(S_l(x')) - a(T_l(x)))^2,  a(f) = normalise(vec(mean_c f^2))
 
-g_s, g_t: linear maps to 128-d, L2-normalised, trained with S, not deployed. `--asa conf` is the older
-teacher-confidence rule eps_i = clip(eps0 (0.5 + p_T(y|x)), lo, hi).
+g_s, g_t: linear maps to 128-d, L2-normalised, trained with S, not deployed. `--asa conf` is a
+teacher-confidence rule instead: eps_i = clip(eps0 (0.5 + p_T(y|x)), lo, hi).
 RSLAD mode, `--asa off --mim logit` (--inner rslad), is RSLAD's attack and loss (Zi et al., ICCV 2021) at its
 KL scale, w_kl 0.1 by default; it is named `rslad` only at w_kl 0.1, else `rslad-like-wkl<w>`.
 
@@ -35,23 +35,22 @@ the KL scale (0.1, RSLAD's):
 Without --teacher a PGD-AT WRN-34-10 teacher is trained first, into <out-dir>/teacher. RSLAD ran 300 epochs,
 we run 200. Options: --arch mobilenetv2 (student); --asa conf|off; --inner adaad; --w-kl 1 on both arms.
 
-Fidelity ([C] primary source, [A] abstract, [REL] related paper, [P] ours; § = our research notes).
-The paper's full text and code were not available to us (two searches).
-  Confirmed [C/A]: title, authors, venue; that fixed attack strength and attention region shift are the two
-    problems and ASA + MIM the answer; that strength is tailored to "individual instances" (abstract).
-  [REL] ICRL (Computer Engineering 51(1), 2025, two InfoARD authors): a strength per instance, updated as
-    the student grows more robust. Hence the student-driven table is the default; our earlier
-    teacher-confidence rule is `--asa conf`.
-  Confirmed baseline [C]: RSLAD's inner loss, its 5/6-1/6 outer KL at temperature 1 and its 0.001 N(0,1)
-    start; its B*C-mean KL (x10 on CIFAR-100), i.e. batchmean/10 on both: w_kl 0.1 here (§6); its TRADES
-    WRN-34-10 teacher on CIFAR-10; SGD 0.1, momentum 0.9, wd 2e-4, batch 128, eps 8/255, 10 x 2/255, with
+Fidelity (legend in README.md, 'Fidelity'): the paper's full text and code were not available to us.
+  [C] (abstract): title, authors, venue; that fixed attack strength and attention region shift are the two
+    problems and ASA + MIM the answer; that strength is tailored to "individual instances".
+  [R] from a related paper, ICRL (Computer Engineering 51(1), 2025, two InfoARD authors): a strength per
+    instance, updated as the student grows more robust. Hence the student-driven table is the default;
+    the teacher-confidence rule is `--asa conf`.
+  [C] baseline (RSLAD's official code): its inner loss, its 5/6-1/6 outer KL at temperature 1 and its
+    0.001 N(0,1) start; its B*C-mean KL (x10 on CIFAR-100), i.e. batchmean/10 on both: w_kl 0.1 here; its
+    TRADES WRN-34-10 teacher on CIFAR-10; SGD 0.1, momentum 0.9, wd 2e-4, batch 128, eps 8/255, 10 x 2/255, with
     ARD/IAD/AdaAD's 200 epochs and x0.1 after 100 and 150 epochs (ARD's 0-based count, as --milestones;
     RSLAD: 300 epochs, x0.1 after 215/260/285).
-  Reconstructed, ours [P, §2]: every InfoARD rule and constant. The update rule (IAAT's up/down step, Balaji
+  [R] ours: every InfoARD rule and constant. The update rule (IAAT's up/down step, Balaji
     et al. 2019, with a per-sample memory), its cost (one probe attack at eps_i + gamma per batch besides the
     training attack, whose result gives "fails"), gamma = eps0 x 1.9/8 (IAAT's 1.9/255 at 8/255), 10 warm-up
     epochs (2 on MNIST), the range [eps0/2, 3 eps0/2], alpha_i = eps_i/4; the RSLAD inner loss as default
-    (the notes proposed AdaAD's: `--inner adaad`); MIM as feature + attention terms; InfoNCE with in-batch
+    (AdaAD's: `--inner adaad`); MIM as feature + attention terms; InfoNCE with in-batch
     negatives (per rank under torchrun: B/world of them), symmetric, tau 0.07 (CRD's), 128-d heads; Attention
     Transfer on the first three stage maps, weight 1000 (RepDistiller's); w_kl = w_nce = 1 outside RSLAD mode
     (KL `batchmean`); the PGD-AT teacher when none is given; best.pt by val PGD-10.
@@ -77,7 +76,7 @@ import common
 
 
 ##############################################################################################
-#                          ASA: per-sample attack strength (all [P])                         #
+#                          ASA: per-sample attack strength (all [R])                         #
 ##############################################################################################
 def asa_eps(teacher_probs_true, eps0, lo, hi):
     """--asa conf: eps_i = eps0 (0.5 + p_T(y_i|x_i)) clipped to [lo, hi]; a confident teacher's soft label is
@@ -113,7 +112,7 @@ def asa_attack(student, teacher, x, y, t_logits, eps, alpha, steps, asa="instanc
     The student attacks in eval mode (a 'ce' probe: train mode) and ends in the mode it came in.
 
     asa:   'instance': eps_i = the batch's table rows, clipped to [lo, hi] ([0, hi] with zero_wrong), moved by
-           asa_instance_rule [P]. apply 'next': the batch trains at the old eps_i, and its training attack is
+           asa_instance_rule [R]. apply 'next': the batch trains at the old eps_i, and its training attack is
            the rule's attack at eps_i (2 attacks per batch); 'now' (IAAT): decide first, then train the batch
            at the new eps_i (3 attacks). probe 'kl': the decision attacks are the training attack; 'ce' (IAAT):
            cross-entropy PGD (uniform start) with the student in train mode (3 attacks).

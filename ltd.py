@@ -11,9 +11,9 @@ The student's logits are divided by its own fixed temperature tau_s, and this is
 time as well. Defensive distillation trains at T and deploys at T = 1; that mismatch inflates the
 logits and masks gradients. LTD has no such mismatch. tau_t == tau_s is allowed (see the fidelity note);
 we do not force tau_t < tau_s, as "relatively low" may be relative to the usual KD temperatures rather
-than to tau_s (notes section 6), so sweeps either way are allowed.
+than to tau_s, so sweeps either way are allowed.
 
-The loss, an [I] reconstruction (notes section 6); z(.) = f_S(.) / tau_s everywhere, beta = 6:
+The loss, our [R] reconstruction; z(.) = f_S(.) / tau_s everywhere, beta = 6:
     p_t   = softmax(f_T(x) / tau_t)                       teacher frozen, eval mode, no grad
     x_adv = argmax_{|x'-x|_inf <= eps} KL(softmax(z(x)) || softmax(z(x')))   (TRADES inner max, eval mode)
     L     = -sum_k p_t[k] log softmax(z(x))[k]  +  beta * KL(softmax(z(x)) || softmax(z(x_adv)))
@@ -35,39 +35,33 @@ Reusing the baseline as the teacher makes "baseline + LTD" cost two trainings in
 MEASURED: real MNIST only, at a small CPU budget (README, Results): LTD 93.8% clean / 14.2% AA-lite vs
 TRADES-AWP 95.0% / 10.4% (10,000 images, 4 epochs, eps 0.3). Nothing on CIFAR yet.
 
-Fidelity ([C] primary source, [I] ours, [U] unknown; § = our research notes; the paper body was not
-available, only its abstracts):
-  confirmed [C]: soft labels from a teacher through a temperature softmax; the teacher temperature is
+Fidelity (legend in README.md, 'Fidelity'): the paper body was not available, only its abstracts.
+  [C] (abstracts): soft labels from a teacher through a temperature softmax; the teacher temperature is
     "relatively low"; tau_t and tau_s are fixed; tau_s is kept at inference (checkpoint `temperature` =
-    tau_s). Versions differ on "different": v1-v3 (2021-2023) and the TMLR submission say the two are
-    "different, but fixed"; v4 (Nov 2025) drops "different" (a relatively low teacher temperature, a
-    student temperature fixed in training and inference). We follow v4: tau_t == tau_s trains, with a
-    one-line note in the log. The CIFAR-10 AutoAttack logs name the TRADES-AWP code (section 2); a
-    "model-best" file was released.
-  reconstructed [I], each open choice a flag:
-    * the base recipe is the TRADES-AWP code's (section 5: [C] for that code, [I] that LTD kept it):
+    tau_s). v1-v3 (2021-2023) and the TMLR submission say the two are "different, but fixed"; v4 (Nov
+    2025) drops "different". We follow v4: tau_t == tau_s trains, with a one-line note in the log. The
+    CIFAR-10 AutoAttack logs of the released models name the TRADES-AWP code.
+  [R] ours, each open choice a flag:
+    * the base recipe is the TRADES-AWP code's ([C] for that code, [R] that LTD kept it):
       WRN-34-10, 200 epochs, SGD lr 0.1 momentum 0.9 wd 5e-4, batch 128, lr x0.1 from the 100th epoch and
       x0.01 from the 150th (its 1-based `epoch >= 100`; --milestones counts epochs done: 99 149), the KL
       attack with 10 steps of 2/255 in eps 8/255, first gradient at x + 0.001 N(0,1) (unclamped), eval mode,
       beta = 6, AWP gamma 5e-3 from epoch 10 on conv/fc weights. The CIFAR-100 log does not name that
-      code, so the lineage of the CIFAR-100 model (our default command) is [I]/[U].
+      code, so the lineage of the CIFAR-100 model (our default command) is [U].
     * the loss above: p_t replaces y in the natural term, the teacher sees clean x, and the student is
-      divided by tau_s in the loss, the attack and the AWP step (section 6). Alternatives: --soft-on
+      divided by tau_s in the loss, the attack and the AWP step. Alternatives: --soft-on
       adversarial|both (p_t replaces softmax(z(x)) as the KL target) and --teacher-input adv.
     * tau_t = 0.5, tau_s = 2 are ours: the values are [U]. tau_t < 1 sharpens an adversarially trained
-      teacher's under-confident outputs. This is reading (B) of "relatively low" in section 6; reading
-      (A) is a natural teacher at a few units.
+      teacher's under-confident outputs (a natural teacher at a few units is the other reading of
+      "relatively low").
     * the teacher: who it is is [U]. We use TRADES(-AWP) with the student's arch (--teacher-arch,
       --teacher-epochs), or any checkpoint of this project via --teacher.
     * best checkpoint chosen by validation PGD-10 accuracy at temperature tau_s (the metric is [U]).
-  ours, implementation: the weights are restored before opt.step(), an exact copy. The AWP code
-    subtracts v after the step, so the only difference is that weight decay sees w, not w + v. The
-    proxy's SGD step size is not used: it cancels in the layer-wise normalisation. The references run two
-    clean forwards, for the CE and for the KL target. With dropout active (papernot-mnist) so do we (two
-    masks, both with gradient, the references' order); without dropout the two are equal, so one serves
-    both and a no-grad clean forward in train mode gives BatchNorm the references' updates: adv, clean,
-    clean (TRADES-AWP) or clean, adv, clean (TRADES, --no-awp), so about a third of the deployed running
-    statistics are adversarial, as in the references.
+  [R] implementation: the weights are restored before opt.step() (the AWP code subtracts v after the
+    step: only weight decay differs, seeing w, not w + v); the proxy's SGD step size cancels in the
+    layer-wise normalisation and is not used. Forward order as the references (BatchNorm sees adv, clean,
+    clean for TRADES-AWP; clean, adv, clean for TRADES): with dropout, two clean forwards with gradient;
+    without, one, plus a no-grad clean forward in train mode for the BatchNorm statistics.
 """
 import argparse
 import copy
