@@ -55,7 +55,8 @@ Fidelity (legend in README.md, 'Fidelity'): the paper's full text and code were 
     Transfer on the first three stage maps, weight 1000 (RepDistiller's); w_kl = w_nce = 1 outside RSLAD mode
     (KL `batchmean`); the PGD-AT teacher when none is given; best.pt by val PGD-10.
   ASA against IAAT (Balaji et al. 2019, official trainers/trainer_adaptive.py), whose up/stay/down decision it
-    is. IAAT also: averages, beta 0.1 (--asa-beta; default BETA_WHY); sets the target to 0 for images S
+    is. IAAT also: averages, beta 0.1 (--asa-beta; our default 1 is the whole move, the rule behind
+    the README's measured rows; IAAT's 0.1 against it on real MNIST is not measured yet); sets the target to 0 for images S
     misclassifies clean (ours: the floor lo; --asa-zero-misclassified); trains the batch at the new eps_i after
     a third attack (ours: at the next visit; --asa-apply now); decides on CE attacks with S in train mode
     (ours: the training attack, eval mode, so it serves twice; --asa-probe ce); has no upper bound, attack
