@@ -68,7 +68,8 @@ def test_checkpoints_without_the_field_rebuild_our_cifar_definitions():
     for arch, size in (("resnet18", 32), ("mobilenetv2", 224)):
         model = common.build_model(arch, 10, 3, size, imagenet_stem=False)
         ck = {"format": common.CHECKPOINT_FORMAT, "model": model.state_dict(), "arch": arch, "num_classes": 10,
-              "in_channels": 3, "image_size": size, "temperature": 1.0}
+              "in_channels": 3, "image_size": size, "temperature": 1.0, "dataset": "synthetic", "method": "pgd-at",
+              "args": {}, "epoch": 0, "metrics": {}}
         rebuilt, _ = common.build_model_from_checkpoint(ck)
         assert type(rebuilt) is type(model) and not rebuilt.imagenet_stem
 
