@@ -17,9 +17,13 @@ FAB-T and Square) on the full test set; full = standard + square.
 Like AutoAttack, each attack runs only on the images that are still robust, and robust accuracy is the
 per-image worst case over all attacks run. --diagnose adds the gradient-masking checks of Carlini et al.
 2019 ("On Evaluating Adversarial Robustness") and prints a verdict.
-Precision: float32 with TF32 off, as AutoAttack and RobustBench. --amp computes attack gradients under
-bf16 autocast for a quicker look; even then every decision (broken? best point? target hit? Square step
-kept?) is taken on float32 logits, the precision of the final verdict, and the report says "bf16".
+The verdict is a set of one-sided exact binomial tests on per-image outcomes (each at a 1% false-positive
+rate), and every accuracy comes with its count and a 95% Wilson interval.
+Precision: float32 with TF32 off and cudnn.benchmark off while evaluating: stricter than AutoAttack and
+RobustBench, which run in PyTorch's default (cuDNN convolutions in TF32 on Ampere and newer GPUs). --amp
+computes attack gradients under bf16 autocast for a quicker look; even then every decision (broken? best
+point? target hit? Square step kept?) is taken on float32 logits, the precision of the final verdict, and
+the report says "bf16".
 """
 import argparse
 import contextlib
@@ -50,13 +54,92 @@ def predict(model, x):
 @contextlib.contextmanager
 def strict_float32():
     """TF32 off for convolutions and matmuls while evaluating (it rounds float32 inputs to 10 mantissa bits
-    on Ampere and newer GPUs); the previous settings come back afterwards."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    on Ampere and newer GPUs), and cudnn.benchmark off (a training run in the same process may have left it on;
+    it picks algorithms by timing); the previous settings come back afterwards. PyTorch >= 2.9 has the
+    `fp32_precision` API, and reading the legacy `allow_tf32` flags raises once anything used it: then only
+    the new API is used."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    new_api = hasattr(getattr(cudnn, "conv", None), "fp32_precision")
+    saved_benchmark = cudnn.benchmark
+    if new_api:
+        saved = cudnn.conv.fp32_precision, matmul.fp32_precision
+        cudnn.conv.fp32_precision = matmul.fp32_precision = "ieee"
+    else:
+        saved = cudnn.allow_tf32, matmul.allow_tf32
+        cudnn.allow_tf32 = matmul.allow_tf32 = False
+    cudnn.benchmark = False
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        if new_api:
+            cudnn.conv.fp32_precision, matmul.fp32_precision = saved
+        else:
+            cudnn.allow_tf32, matmul.allow_tf32 = saved
+        cudnn.benchmark = saved_benchmark
+
+
+# ---------------------------------------------------------------- Counts, intervals, exact tests
+# An accuracy is k of n images, quoted with its 95% Wilson interval. Each masking check is a one-sided exact
+# binomial test on per-image outcomes at ALPHA, with a null hypothesis that is an effect size ("breaks more
+# than a share q0"), not "no difference": its answer converges as the number of images grows.
+ALPHA = 0.01
+
+
+def binom_tail(k, n, p):
+    """P[X >= k] for X ~ Binomial(n, p), exact (summed in log space, no SciPy)."""
+    if k <= 0:
+        return 1.0
+    if k > n or p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    log_comb = lambda i: math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+    terms = [log_comb(i) + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(k, n + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * math.fsum(math.exp(t - top) for t in terms))
+
+
+def wilson_interval(k, n, z=1.959964):
+    """Wilson score interval (lo, hi) of the proportion k/n; z = 1.96 gives 95%. (0, 1) when n = 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return (0.0 if k <= 0 else max(0.0, center - half)), (1.0 if k >= n else min(1.0, center + half))
+
+
+def format_accuracy(k, n):
+    """'31.2% [27.3, 35.4], 156/500': the accuracy, its 95% Wilson interval and the count it came from."""
+    lo, hi = wilson_interval(k, n)
+    return f"{100 * k / max(n, 1):.1f}% [{100 * lo:.1f}, {100 * hi:.1f}], {k}/{n}"
+
+
+def share_test(R, b, q0):
+    """Does an attack break more than a share q0 of the R images another left robust (it broke b of them)?
+    p = P[Binomial(R, q0) >= b]; p < ALPHA says yes at 99% confidence. Heterogeneous per-image chances only
+    shrink the variance, so the test is conservative."""
+    return {"R": R, "b": b, "share": b / R if R else None, "q0": q0, "p": binom_tail(b, R, q0)}
+
+
+def paired_test(u, v, n, min_effect=0.01):
+    """Is attack A weaker than attack B by more than `min_effect` of the n images? u = images A leaves robust
+    and B breaks, v = the reverse. Exact one-sided McNemar test (p = P[Binomial(u + v, 1/2) >= u]) plus the
+    minimum effect (u - v >= min_effect * n): significant and large enough to matter."""
+    p = binom_tail(u, u + v, 0.5)
+    return {"a_only": u, "b_only": v, "effect": (u - v) / max(n, 1), "p": p,
+            "significant": p < ALPHA and u - v >= min_effect * n}
+
+
+def not_learned(correct, n, num_classes):
+    """A verdict if clean accuracy is near chance, else None: a model is judged only if it reaches twice chance
+    (75% for 2 classes) and is above chance at 99% confidence (on few images a chance model can pass the first).
+    A model that has not learned has no robustness to measure, and masking checks on it mean nothing."""
+    chance = 1 / num_classes
+    if correct >= min(2 * chance, (1 + chance) / 2) * n and binom_tail(correct, n, chance) < ALPHA:
+        return None
+    return (f"model has not learned: clean accuracy {format_accuracy(correct, n)} is near chance "
+            f"({100 / num_classes:.0f}% for {num_classes} classes); robustness and masking checks are not meaningful")
 
 
 # ----------------------------------------------------------------------------------------- APGD
@@ -181,8 +264,9 @@ def square_attack(model, x, y, eps, n_queries=5000, p_init=0.8):
 
 # ------------------------------------------------------------------------------------ The cascade
 def run_attack(name, model, x, y, eps, alpha, source=None, apgd_iters=100, square_queries=5000, transfer_steps=20,
-               status=None):
-    """Adversarial examples for one attack on a batch of (still robust) images."""
+               status=None, seed=0):
+    """Adversarial examples for one attack on a batch of (still robust) images. `seed` only reaches the
+    official AutoAttack, which reseeds the global generator with it before each of its attacks."""
     if name == "fgsm":
         return common.pgd(model, x, y, eps, eps, 1, random_start=False)
     if name in ("pgd20", "pgd100"):
@@ -199,7 +283,10 @@ def run_attack(name, model, x, y, eps, alpha, source=None, apgd_iters=100, squar
         return common.pgd(source, x, y, eps, alpha, transfer_steps)
     if name == "autoattack":
         with torch.autocast(x.device.type, enabled=False):  # the reference runs in the model's own float32
-            aa = official_autoattack()(model, norm="Linf", eps=eps, version="standard", device=x.device)
+            # seed=None would make it reseed the global generator from the clock, ignoring --seed
+            aa = official_autoattack()(model, norm="Linf", eps=eps, version="standard", device=x.device, seed=seed)
+            targets = min(9, predict_logits(model, x[:1]).shape[1] - 1)  # its default 9 needs 10+ classes
+            aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = targets
             run = aa.run_standard_evaluation  # the batch-size keyword differs between the two packages
             out = run(x, y, **{"bs" if "bs" in inspect.signature(run).parameters else "batch_size": len(x)})
         return out[0] if isinstance(out, tuple) else out  # the PyPI copy also returns the predicted labels
@@ -250,28 +337,50 @@ def sync(device):
         torch.cuda.synchronize(device)  # this GPU's work, not the current device's
 
 
-def protocol_label(names, num_classes):
-    """What was run, in words that cannot be mistaken for full AutoAttack."""
+def protocol_label(names, num_classes, apgd_iters=100, square_queries=5000, pgd_step=None):
+    """What was run, in words that cannot be mistaken for full AutoAttack: a preset by its name only at its
+    default budgets, anything else "custom" with the settings that differ (pgd_step: a non-default --alpha)."""
     targets = f"{min(9, num_classes - 1)} targets"
-    if names == ["apgd-ce", "apgd-t"]:
-        return f"AA-lite: apgd-ce, apgd-t ({targets}; no FAB-T, no Square)"
-    if names == ["apgd-ce", "apgd-t", "square"]:
-        return f"AA-lite + Square: apgd-ce, apgd-t ({targets}), square (no FAB-T)"
-    if names == ["autoattack"]:
-        return "AutoAttack, official package, version standard"
-    return "custom: " + ", ".join(names)
+    ran = set(names)
+    changed = ([f"apgd_iters={apgd_iters}"] if apgd_iters != 100 and {"apgd-ce", "apgd-t"} & ran else []) + \
+              ([f"square_queries={square_queries}"] if square_queries != 5000 and "square" in ran else []) + \
+              ([f"pgd_step={pgd_step:.4g}"] if pgd_step is not None and {"pgd20", "pgd100", "cw", "transfer"} & ran else [])
+    if not changed:
+        if names == PRESETS["quick"]:
+            return "quick: pgd20, cw"
+        if names == ["apgd-ce", "apgd-t"]:
+            return f"AA-lite: apgd-ce, apgd-t ({targets}; no FAB-T, no Square)"
+        if names == ["apgd-ce", "apgd-t", "square"]:
+            return f"AA-lite + Square: apgd-ce, apgd-t ({targets}), square (no FAB-T)"
+        if names == ["autoattack"]:
+            return f"AutoAttack, official package, version standard ({targets})"
+    return "custom: " + ", ".join(names) + (f" ({'; '.join(changed)})" if changed else "")
 
 
-def cascade_warnings(names, acc_after):
-    """AutoAttack-style hints from numbers the cascade already has (fractions in, messages out)."""
+Q0_APGD_T = 0.25  # APGD-T after APGD-CE: honest CIFAR-like models lose a few percent of APGD-CE's robust images
+
+
+def apgd_t_test(names, robust_after):
+    """R = images robust after APGD-CE, b = those APGD-T (targeted DLR) then breaks, tested against a share
+    Q0_APGD_T; None unless APGD-T ran right after APGD-CE."""
+    pos = {k: i for i, k in enumerate(names)}
+    if "apgd-ce" not in pos or pos.get("apgd-t", -1) != pos["apgd-ce"] + 1:
+        return None
+    return share_test(robust_after["apgd-ce"], robust_after["apgd-ce"] - robust_after["apgd-t"], Q0_APGD_T)
+
+
+def cascade_warnings(names, robust_after, n):
+    """AutoAttack-style hints from the cascade's counts (`robust_after`: images still robust after each attack,
+    of n); messages out."""
     out, pos = [], {k: i for i, k in enumerate(names)}
-    if "apgd-ce" in pos and pos.get("apgd-t", -1) == pos["apgd-ce"] + 1:
-        drop = acc_after["apgd-ce"] - acc_after["apgd-t"]
-        if drop > 0.02:
-            out.append(f"hint: APGD-T (DLR) removed {100 * drop:.1f} points after APGD-CE; a gap between the CE and "
-                       f"the margin/DLR losses is a classic sign of gradient masking (try --diagnose)")
+    t = apgd_t_test(names, robust_after)
+    if t and t["p"] < ALPHA:
+        out.append(f"hint: APGD-T (targeted DLR) breaks {t['b']} of the {t['R']} images APGD-CE left robust "
+                   f"({100 * t['share']:.0f}%, more than {100 * Q0_APGD_T:.0f}% at 99% confidence, p = {t['p']:.2g}): "
+                   f"cross-entropy overstates this model's robustness, a classic sign of a masked CE gradient "
+                   f"(AA-lite's DLR loss is scale-free and not affected; --diagnose checks it)")
     if "square" in pos and pos["square"] > 0 and any(k.startswith("apgd") for k in names[:pos["square"]]):
-        drop = acc_after[names[pos["square"] - 1]] - acc_after["square"]
+        drop = (robust_after[names[pos["square"] - 1]] - robust_after["square"]) / max(n, 1)
         if drop > 0.002:
             out.append(f"warning: the black-box Square attack lowered robust accuracy by {100 * drop:.2f} points after "
                        f"the white-box attacks (AutoAttack's own check warns above 0.2): the gradients may be masked")
@@ -279,40 +388,120 @@ def cascade_warnings(names, acc_after):
 
 
 # --------------------------------------------------------------------------------- Diagnostics
-def diagnose(model, x, y, eps, alpha, num_classes, autocast, square_queries=1000, status=None):
-    """Gradient-masking checks (Carlini et al. 2019, "On Evaluating Adversarial Robustness", arXiv:1902.06705).
-    Every accuracy is a float32 verdict; Square runs in float32 whatever the autocast."""
-    d, reasons = {}, []
-    z = predict_logits(model, x)  # diagnostics in float32: saturation is a numerical effect
+# The CE-vs-margin null share: flag when, at 99% confidence, the margin attack breaks more than Q0_CE_MARGIN of
+# the images PGD-20 on cross-entropy leaves robust, i.e. CE overstates robust accuracy more than 1 / (1 - Q0).
+# Why 1/2 and not 2/3: under-trained but honest adversarially trained MNIST models break at shares of about
+# 0.2-0.35 (so 1/2 leaves room), defensive distillation at 0.6-1; and with 2/3, masking at low robust accuracy
+# (CE 8%, margin 0%: about 16 CE-robust images of 200) would need 12 images all broken and be missed often.
+Q0_CE_MARGIN = 0.5
+SQUARE_SHARE = 0.01  # Square breaking over 1% of the white-box-robust images (~AutoAttack's 0.2 points of all)
+
+
+def masking_checks(ok, dlr_in_cascade=False, square_queries=1000):
+    """The paired checks on per-image outcomes: `ok` maps "clean", "fgsm", "pgd20", "pgd100", "cw" (PGD-20 on the
+    logit margin) and "square" to bool tensors over the same images (True: still classified correctly), and
+    optionally "white_box" (robust to every white-box attack of the evaluation run). Returns (stats, reasons).
+
+    Each check is a one-sided exact binomial test at ALPHA among the images a reference attack left robust:
+    - CE-vs-margin: of the R clean images PGD-20 on CE leaves robust, the margin attack breaks b; flag if the
+      share exceeds Q0_CE_MARGIN (CE then overstates robust accuracy more than 1 / (1 - Q0_CE_MARGIN)).
+    - Square: of the images every white-box attack left robust, black-box Square breaks more than SQUARE_SHARE.
+    - FGSM beats PGD-20, PGD-100 loses to PGD-20: exact McNemar tests with a 1-point minimum effect.
+    """
+    count = lambda m: int(m.sum())
+    n, clean = len(ok["clean"]), ok["clean"]
+    stats, reasons = {}, []
+    ce = clean & ok["pgd20"]
+    t = stats["ce_vs_margin"] = share_test(count(ce), count(ce & ~ok["cw"]), Q0_CE_MARGIN)
+    if t["p"] < ALPHA:
+        R, b = t["R"], t["b"]
+        how = f"about {R / (R - b):.1f}x" if b < R else "entirely: the margin attack breaks every image CE leaves robust"
+        reasons.append(f"CE-vs-margin: PGD-20 on the logit margin breaks {b} of the {R} images PGD-20 on cross-entropy "
+                       f"leaves robust ({100 * b / R:.0f}%, more than {100 * Q0_CE_MARGIN:.0f}% at 99% confidence, "
+                       f"p = {t['p']:.2g}): cross-entropy overstates robustness {how}"
+                       + ("; AA-lite's DLR loss (APGD-T) is not affected" if dlr_in_cascade else ""))
+    t = stats["fgsm_beats_pgd20"] = paired_test(count(clean & ok["pgd20"] & ~ok["fgsm"]),
+                                                count(clean & ~ok["pgd20"] & ok["fgsm"]), n)
+    if t["significant"]:
+        reasons.append(f"single-step FGSM beats iterative PGD-20 by {100 * t['effect']:.1f} points (p = {t['p']:.2g})")
+    t = stats["pgd100_loses_to_pgd20"] = paired_test(count(clean & ok["pgd100"] & ~ok["pgd20"]),
+                                                     count(clean & ~ok["pgd100"] & ok["pgd20"]), n)
+    if t["significant"]:
+        reasons.append(f"more PGD steps helped the defence: PGD-100 leaves {100 * t['effect']:.1f} points more than "
+                       f"PGD-20 (p = {t['p']:.2g})")
+    wb = clean & ok["fgsm"] & ok["pgd20"] & ok["pgd100"] & ok["cw"]
+    if "white_box" in ok:
+        wb = wb & ok["white_box"]
+    t = stats["square_among_white_box_robust"] = share_test(count(wb), count(wb & ~ok["square"]), SQUARE_SHARE)
+    if t["p"] < ALPHA:
+        reasons.append(f"black-box Square ({square_queries} queries) breaks {t['b']} of the {t['R']} images every "
+                       f"white-box attack left robust ({100 * t['share']:.1f}%, more than {100 * SQUARE_SHARE:.0f}% "
+                       f"at 99% confidence, p = {t['p']:.2g})")
+    return stats, reasons
+
+
+def diagnose(model, x, y, eps, alpha, num_classes, autocast, square_queries=1000, status=None, batch_size=None,
+             robust_mask=None, dlr_in_cascade=False):
+    """Gradient-masking checks (Carlini et al. 2019, "On Evaluating Adversarial Robustness", section 5).
+
+    Every accuracy is a float32 verdict; Square runs in float32 whatever the autocast. Attacks run
+    `batch_size` images at a time. robust_mask: images robust to every white-box attack of the evaluation run
+    (Square is then judged against those). A model with non-finite outputs or near chance is not judged.
+    """
+    n, bs = len(y), batch_size or len(y)
+    chunks = lambda: ((x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs))
+    per_image = lambda f: torch.cat([f(xb, yb) for xb, yb in chunks()])
+    d, reasons = {"n": n}, []
+    z = per_image(lambda xb, yb: predict_logits(model, xb))  # diagnostics in float32: saturation is numerical
+    bad = int((~torch.isfinite(z).all(1)).sum())
+    unjudged = (f"non-finite outputs: the model returns NaN or inf logits on {bad} of {n} clean images; it cannot "
+                f"be judged robust or masked" if bad else not_learned(int((z.argmax(1) == y).sum()), n, num_classes))
+    if unjudged:
+        d.update(judged=False, reasons=[], masking_suspected=None, verdict=unjudged)
+        return d
+    d["judged"] = True
     top2 = z.topk(2, 1).values
     d["mean_abs_logit"] = z.abs().mean().item()
     d["mean_top2_margin"] = (top2[:, 0] - top2[:, 1]).mean().item()
     d["saturated_softmax_share"] = (F.softmax(z, 1).amax(1) == 1.0).float().mean().item()
     margin_loss = common.dlr_loss if num_classes >= 3 else common.cw_margin_loss
-    for key, loss in (("zero_grad_share", lambda o: F.cross_entropy(o, y, reduction="sum")),
-                      ("zero_grad_share_dlr", lambda o: margin_loss(o, y).sum())):
-        xg = x.clone().requires_grad_(True)
-        g, = torch.autograd.grad(loss(model(xg).float()), xg)
-        d[key] = (g.flatten(1).abs().amax(1) == 0).float().mean().item()
-    ok = lambda xa: predict(model, xa) == y  # per image
-    acc = lambda xa: ok(xa).float().mean().item()
+
+    def zero_grad(loss):
+        def f(xb, yb):
+            xg = xb.clone().requires_grad_(True)
+            g, = torch.autograd.grad(loss(model(xg).float(), yb).sum(), xg)
+            return g.flatten(1).abs().amax(1) == 0
+        return int(per_image(f).sum())
+    # AutoAttack warns on any zero-gradient image; the verdict uses the share
+    d["zero_grad_images"] = zero_grad(lambda o, t: F.cross_entropy(o, t, reduction="none"))
+    d["zero_grad_images_dlr"] = zero_grad(margin_loss)
+    d["zero_grad_share"], d["zero_grad_share_dlr"] = d["zero_grad_images"] / n, d["zero_grad_images_dlr"] / n
+    ok_after = lambda attack: per_image(lambda xb, yb: predict(model, attack(xb, yb)) == yb)  # per image
     step = lambda name: status(name) if status else None
-    d["acc_clean"] = (z.argmax(1) == y).float().mean().item()
+    ok = {"clean": z.argmax(1) == y}
     with autocast():
-        step("fgsm"); d["acc_fgsm"] = acc(common.pgd(model, x, y, eps, eps, 1, random_start=False))
-        step("pgd20"); ok20 = ok(common.pgd(model, x, y, eps, alpha, 20))
-        step("pgd100"); ok100 = ok(common.pgd(model, x, y, eps, alpha, 100))
-        step("pgd20 on the margin"); ok_cw = ok(common.pgd(model, x, y, eps, alpha, 20, loss="cw"))
-        step("square"); ok_sq = ok(square_attack(model, x, y, eps, n_queries=square_queries))
+        step("fgsm"); ok["fgsm"] = ok_after(lambda a, b: common.pgd(model, a, b, eps, eps, 1, random_start=False))
+        step("pgd20"); ok["pgd20"] = ok_after(lambda a, b: common.pgd(model, a, b, eps, alpha, 20))
+        step("pgd100"); ok["pgd100"] = ok_after(lambda a, b: common.pgd(model, a, b, eps, alpha, 100))
+        step("pgd20 on the margin")
+        ok["cw"] = ok_after(lambda a, b: common.pgd(model, a, b, eps, alpha, 20, loss="cw"))
+        step("square"); ok["square"] = ok_after(lambda a, b: square_attack(model, a, b, eps, n_queries=square_queries))
         sweep = sorted({min(eps * f, 0.5) for f in (1, 2, 4)} | {0.5})
-        step("eps sweep"); d["eps_sweep"] = {f"{e:.4f}": acc(common.pgd(model, x, y, e, e / 4, 20, loss="cw")) for e in sweep}
-    d["acc_pgd20_ce"], d["acc_pgd100_ce"], d["acc_pgd20_cw"], d["acc_square"] = (
-        v.float().mean().item() for v in (ok20, ok100, ok_cw, ok_sq))
-    d["square_only_images"] = int((ok20 & ok100 & ok_cw & ~ok_sq).sum())  # broken by Square alone
-    gap = d["acc_pgd20_ce"] - d["acc_pgd20_cw"]
-    if gap > 0.10:
-        reasons.append(f"CE-vs-margin gap: PGD-20 on cross-entropy leaves {100 * d['acc_pgd20_ce']:.1f}% but on the "
-                       f"logit margin {100 * d['acc_pgd20_cw']:.1f}% (the CE gradient is uninformative)")
+        step("eps sweep")
+        sweep_counts = {f"{e:.4f}": int(ok_after(lambda a, b: common.pgd(model, a, b, e, e / 4, 20, loss="cw")).sum())
+                        for e in sweep}
+    keys = {"clean": "clean", "fgsm": "fgsm", "pgd20": "pgd20_ce", "pgd100": "pgd100_ce", "cw": "pgd20_cw",
+            "square": "square"}
+    d["counts"] = {keys[k]: int(v.sum()) for k, v in ok.items()}
+    for k, v in d["counts"].items():
+        d["acc_" + k] = v / n
+    d["ci95"] = {k: list(wilson_interval(v, n)) for k, v in d["counts"].items()}
+    d["eps_sweep_counts"], d["eps_sweep"] = sweep_counts, {e: v / n for e, v in sweep_counts.items()}
+    if robust_mask is not None:
+        ok["white_box"] = robust_mask
+    stats, reasons = masking_checks(ok, dlr_in_cascade, square_queries)
+    d.update(stats)
+    d["square_only_images"] = stats["square_among_white_box_robust"]["b"]  # broken by Square alone
     if d["zero_grad_share"] > 0.10:
         reasons.append(f"{100 * d['zero_grad_share']:.0f}% of images have an exactly zero input gradient of the CE loss")
     if d["zero_grad_share_dlr"] > 0.10:
@@ -321,13 +510,6 @@ def diagnose(model, x, y, eps, alpha, num_classes, autocast, square_queries=1000
     if d["saturated_softmax_share"] > 0.5 and d["mean_abs_logit"] > 50:
         reasons.append(f"saturated softmax: mean |logit| {d['mean_abs_logit']:.0f}, max probability exactly 1 for "
                        f"{100 * d['saturated_softmax_share']:.0f}% of images")
-    if d["acc_fgsm"] < d["acc_pgd20_ce"] - 0.03:
-        reasons.append("single-step FGSM beats iterative PGD-20")
-    if d["acc_pgd100_ce"] > d["acc_pgd20_ce"] + 0.03:
-        reasons.append("more PGD steps helped the defence")
-    if d["square_only_images"] >= SQUARE_ONLY_IMAGES:
-        reasons.append(f"black-box Square ({square_queries} queries) breaks {d['square_only_images']} images that "
-                       f"PGD-20, PGD-100 and CW-inf all left robust")
     accs = list(d["eps_sweep"].values())
     if accs[-1] > max(0.05, 1.5 / num_classes):
         reasons.append(f"accuracy does not reach ~0 as eps grows ({100 * accs[-1]:.1f}% at eps 0.5)")
@@ -338,10 +520,43 @@ def diagnose(model, x, y, eps, alpha, num_classes, autocast, square_queries=1000
     return d
 
 
-SQUARE_ONLY_IMAGES = 3  # "a few images": Square beating every white-box attack on this many is a masking sign
-
-
 # ---------------------------------------------------------------------------------------- Output
+def write_report(path, report):
+    """The JSON report, written atomically (a temp file beside it, then os.replace): never half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def print_diagnostics(d, square_queries):
+    """The diagnostics as a small table: every accuracy with its interval and count, then the tests."""
+    n = d["n"]
+    print(f"diagnostics on {n} images:")
+    if not d["judged"]:
+        print(f"verdict: {d['verdict']}")
+        return
+    labels = {"clean": "clean", "fgsm": "FGSM", "pgd20_ce": "PGD-20 (CE)", "pgd100_ce": "PGD-100 (CE)",
+              "pgd20_cw": "PGD-20 (margin)", "square": f"Square ({square_queries} q)"}
+    for k, label in labels.items():
+        print(f"  {label:<20}{format_accuracy(d['counts'][k], n):>32}")
+    for e, k in d["eps_sweep_counts"].items():
+        print(f"  {'eps ' + e + ' (margin)':<20}{format_accuracy(k, n):>32}")
+    t, sq = d["ce_vs_margin"], d["square_among_white_box_robust"]
+    share = lambda t: "" if t["R"] == 0 else f" ({100 * t['share']:.1f}%)"
+    print(f"  mean |logit| {d['mean_abs_logit']:.1f}; zero input gradient: CE {d['zero_grad_images']}/{n}, "
+          f"DLR {d['zero_grad_images_dlr']}/{n}")
+    print(f"  CE vs margin: the margin attack breaks {t['b']} of the {t['R']} images CE leaves robust{share(t)}, "
+          f"p = {t['p']:.2g} against {100 * t['q0']:.0f}%")
+    print(f"  Square breaks {sq['b']} of the {sq['R']} images every white-box attack left robust{share(sq)}, "
+          f"p = {sq['p']:.2g} against {100 * sq['q0']:.0f}%")
+    print(f"verdict: {d['verdict']}")
+
+
 def save_grid(path, x, x_adv, y, pred, classes, k=8):
     """PNG: clean images on top, their adversarial versions below, each captioned label / prediction."""
     from PIL import Image, ImageDraw
@@ -452,6 +667,9 @@ def evaluate(args):
     if "apgd-t" in names and info.num_classes < 4:  # targeted DLR reads the 3rd and 4th largest logits
         names.remove("apgd-t")
         skipped["apgd-t"] = f"needs 4+ classes, {dataset} has {info.num_classes}"
+    if "autoattack" in names and info.num_classes < 4:  # the official APGD-T as well
+        names.remove("autoattack")
+        skipped["autoattack"] = f"needs 4+ classes, {dataset} has {info.num_classes}"
     source = None
     if "transfer" in names or args.transfer_from:
         if not args.transfer_from:
@@ -473,15 +691,18 @@ def evaluate(args):
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
     precision = ("bf16 autocast for attack gradients, every decision in float32" if args.amp else "float32") + \
         (", TF32 off" if device.type == "cuda" else "")
-    protocol = protocol_label(names, info.num_classes) + "".join(f"; {k} skipped ({v})" for k, v in skipped.items())
+    protocol = protocol_label(names, info.num_classes, args.apgd_iters, args.square_queries,
+                              None if args.alpha is None else alpha) + "".join(f"; {k} skipped ({v})" for k, v in skipped.items())
 
     print(f"{args.checkpoint}: method {ck['method']}, arch {ck['arch']}, {dataset}, deployed temperature {model.temperature:g}")
     print(f"L-inf eps {eps:.4f} ({eps * 255:.1f}/255), {n} test images, {protocol}, precision: {precision}", flush=True)
     correct, robust_after, per_image = 0, {k: 0 for k in names}, {"clean": [], "robust": []}
+    white_box = [k for k in names if k not in ("square", "transfer")]
+    robust_white_box = []  # per image: robust to every white-box attack (the diagnostics judge Square against it)
     seconds = {k: 0.0 for k in ["clean"] + names}
     grid, bar, nb = None, common.Progress(n, "evaluating", enabled=not args.quiet), len(loader)
     attack = lambda name, xa, ya: run_attack(name, model, xa, ya, eps, alpha, source, args.apgd_iters,
-                                             args.square_queries, args.transfer_steps, status)
+                                             args.square_queries, args.transfer_steps, status, args.seed)
     try:
         for b, (x, y) in enumerate(loader):
             so_far = f"robust so far {100 * robust_after[names[-1]] / bar.done:.1f}%  " if names and bar.done else ""
@@ -496,6 +717,7 @@ def evaluate(args):
             per_image["robust"] += alive[names[-1] if names else "clean"].tolist()
             for name in names:
                 robust_after[name] += alive[name].sum().item()
+            robust_white_box.append(alive[white_box[-1] if white_box else "clean"].cpu())
             bar.done += len(y)
             if grid is None:
                 grid = (x, x_show, y, predict(model, x_show))
@@ -503,6 +725,9 @@ def evaluate(args):
         bar.close()
 
     acc_after = {k: robust_after[k] / n for k in names}
+    robust = robust_after[names[-1]] if names else correct
+    ci = lambda k: list(wilson_interval(k, n))
+    unlearned = not_learned(correct, n, info.num_classes)
     report = {"checkpoint": os.path.abspath(args.checkpoint), "method": ck["method"], "arch": ck["arch"],
               "dataset": dataset, "temperature": model.temperature, "epoch": ck["epoch"] + 1, "train_metrics": ck["metrics"],
               "n": n, "eps": eps, "alpha": alpha, "protocol": protocol, "precision": precision, "skipped": skipped,
@@ -511,17 +736,23 @@ def evaluate(args):
                                   "square_schedule": "AutoAttack (resc_schedule=False)", "transfer_from": args.transfer_from,
                                   "transfer_steps": args.transfer_steps, "amp": "bf16" if args.amp else "fp32",
                                   "batch_size": args.batch_size},
-              "device": str(device), "clean_acc": correct / n,
-              "attacks": [{"name": k, "acc_after": acc_after[k], "seconds": seconds[k]} for k in names],
-              "robust_acc": (robust_after[names[-1]] if names else correct) / n, "seconds": seconds,
-              "warnings": cascade_warnings(names, acc_after),
+              "device": str(device), "clean_acc": correct / n, "clean_count": correct, "clean_ci95": ci(correct),
+              "attacks": [{"name": k, "acc_after": acc_after[k], "count_after": robust_after[k],
+                           "ci95_after": ci(robust_after[k]), "seconds": seconds[k]} for k in names],
+              "robust_acc": robust / n, "robust_count": robust, "robust_ci95": ci(robust), "seconds": seconds,
+              "apgd_t_after_apgd_ce": apgd_t_test(names, robust_after),
+              "warnings": [f"warning: {unlearned}"] if unlearned else cascade_warnings(names, robust_after, n),
               # per test image (dataset index; 1 = correct / robust to every attack): for paired comparisons
               "per_image": {"index": idx.tolist(), **{k: "".join("01"[b] for b in v) for k, v in per_image.items()}}}
-    print(f"  {'clean':<12}{100 * report['clean_acc']:7.2f}%  {seconds['clean']:8.1f}s")
+    print(f"  {'clean':<16}{format_accuracy(correct, n):>32}  {seconds['clean']:8.1f}s")
     for a in report["attacks"]:
-        print(f"  {'after ' + a['name']:<12}{100 * a['acc_after']:7.2f}%  {a['seconds']:8.1f}s")
+        print(f"  {'after ' + a['name']:<16}{format_accuracy(a['count_after'], n):>32}  {a['seconds']:8.1f}s")
     for w in report["warnings"]:
         print(w)
+    path = args.json or os.path.splitext(args.checkpoint)[0] + ".eval.json"
+    write_report(path, report)  # the cascade is safe on disk before the diagnostics start
+    final = (f"robust accuracy ({protocol}; {precision}; per-image worst case): {format_accuracy(robust, n)}"
+             + (" (not meaningful: the model has not learned)" if unlearned else ""))
     if args.diagnose:
         didx = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 1))[:args.diagnose_n]
         batches = list(common.make_loader(subset(idx[didx]), info, args.batch_size, device))
@@ -530,18 +761,14 @@ def evaluate(args):
         check = lambda what: setattr(bar, "done", bar.done + bool(bar.note)) or setattr(bar, "note", what)
         try:
             report["diagnostics"] = dg = diagnose(model, x, y, eps, alpha, info.num_classes, autocast,
-                                                  min(1000, args.square_queries), check)
+                                                  min(1000, args.square_queries), check, args.batch_size,
+                                                  torch.cat(robust_white_box)[didx].to(device),
+                                                  bool({"apgd-t", "autoattack"} & set(names)))
         finally:
             bar.close()
-        print(f"diagnostics on {len(y)} images: mean |logit| {dg['mean_abs_logit']:.1f}, zero CE gradient "
-              f"{100 * dg['zero_grad_share']:.0f}% (DLR {100 * dg['zero_grad_share_dlr']:.0f}%), PGD-20 CE "
-              f"{100 * dg['acc_pgd20_ce']:.1f}% vs CW {100 * dg['acc_pgd20_cw']:.1f}%, Square-only breaks "
-              f"{dg['square_only_images']}, eps sweep {', '.join(f'{100 * v:.0f}%' for v in dg['eps_sweep'].values())}")
-        print(f"verdict: {dg['verdict']}")
-    print(f"robust accuracy ({protocol}; {precision}; per-image worst case): {100 * report['robust_acc']:.2f}%")
-    path = args.json or os.path.splitext(args.checkpoint)[0] + ".eval.json"
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+        print_diagnostics(dg, min(1000, args.square_queries))
+        write_report(path, report)
+    print(final)
     if args.examples and grid is not None:
         save_grid(args.examples, *grid, info.classes)
     return report

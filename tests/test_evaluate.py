@@ -161,12 +161,32 @@ def test_masking_diagnostics_flag_saturated_logits_and_not_the_plain_model(small
     assert not plain["masking_suspected"], plain["reasons"]
     assert plain["verdict"] == "no sign of gradient masking"
     assert scaled["masking_suspected"] and scaled["verdict"].startswith("gradient masking suspected")
-    # The CE-vs-margin gap is what flags it: the margin attack is scale-free, the CE one is blinded.
-    assert any(r.startswith("CE-vs-margin gap") for r in scaled["reasons"])
+    # The CE-vs-margin test is what flags it: the margin attack is scale-free, the CE one is blinded.
+    assert any(r.startswith("CE-vs-margin") and "overstates robustness" in r for r in scaled["reasons"])
+    t = scaled["ce_vs_margin"]
+    assert t["R"] > 10 and t["b"] / t["R"] > 0.8 and t["p"] < 0.01 and plain["ce_vs_margin"]["p"] > 0.01
     assert scaled["acc_pgd20_ce"] - scaled["acc_pgd20_cw"] > 0.5
     assert scaled["acc_pgd20_cw"] == pytest.approx(plain["acc_pgd20_cw"], abs=0.1)
     assert scaled["zero_grad_share"] > 0.5 and plain["zero_grad_share"] == 0
+    assert scaled["zero_grad_images"] == round(scaled["zero_grad_share"] * len(y)) and plain["zero_grad_images"] == 0
     assert scaled["mean_abs_logit"] > 100 * plain["mean_abs_logit"] * 0.99
+
+
+def test_diagnostics_print_every_accuracy_with_its_interval(small_net_and_data, capsys):
+    net, x, y = small_net_and_data
+    d = evaluate.diagnose(Scaled(net, 1000.0), x[:24], y[:24], 16 / 255, 4 / 255, 10, NO_AMP, square_queries=50)
+    evaluate.print_diagnostics(d, 50)
+    out = capsys.readouterr().out
+    assert d["judged"] and d["n"] == 24 and d["counts"]["clean"] == 24
+    for k, v in d["counts"].items():
+        assert d["ci95"][k] == list(evaluate.wilson_interval(v, 24)) and evaluate.format_accuracy(v, 24) in out
+    for v in d["eps_sweep_counts"].values():
+        assert evaluate.format_accuracy(v, 24) in out
+    t = d["ce_vs_margin"]
+    assert set(t) == {"R", "b", "share", "q0", "p"} and t["q0"] == evaluate.Q0_CE_MARGIN
+    assert f"breaks {t['b']} of the {t['R']} images CE leaves robust" in out
+    assert f"zero input gradient: CE {d['zero_grad_images']}/24" in out and d["zero_grad_images"] > 12
+    assert out.splitlines()[-1] == "verdict: " + d["verdict"] and d["verdict"].startswith("gradient masking suspected")
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -176,14 +196,25 @@ def checkpoint(tmp_path_factory):
     return pgd_at(TINY + ["--out-dir", str(out)])
 
 
-def test_end_to_end_quick_report_has_every_field(checkpoint, tmp_path):
+def test_end_to_end_quick_report_has_every_field(checkpoint, tmp_path, capsys):
     js, png = tmp_path / "r.json", tmp_path / "g.png"
     report = evaluate.main([checkpoint, "--preset", "quick", "--n", "48", "--batch-size", "24", "--device", "cpu",
-                            "--json", str(js), "--examples", str(png)])
+                            "--json", str(js), "--examples", str(png), "--quiet"])
     saved = json.loads(js.read_text())
     for key in ("checkpoint", "method", "arch", "dataset", "temperature", "epoch", "n", "eps", "alpha",
-                "attack_settings", "device", "clean_acc", "attacks", "robust_acc", "seconds"):
+                "attack_settings", "device", "clean_acc", "attacks", "robust_acc", "seconds", "clean_count",
+                "clean_ci95", "robust_count", "robust_ci95"):
         assert key in saved, key
+    # every accuracy, printed and in the JSON, with its count and 95% interval
+    out = capsys.readouterr().out
+    assert saved["clean_acc"] == saved["clean_count"] / 48 and saved["protocol"] == "quick: pgd20, cw"
+    assert saved["clean_ci95"] == list(evaluate.wilson_interval(saved["clean_count"], 48))
+    assert evaluate.format_accuracy(saved["clean_count"], 48) in out
+    for a in saved["attacks"]:
+        assert a["acc_after"] == a["count_after"] / 48 and a["ci95_after"] == list(evaluate.wilson_interval(a["count_after"], 48))
+        assert evaluate.format_accuracy(a["count_after"], 48) in out
+    assert saved["robust_count"] == saved["attacks"][-1]["count_after"]
+    assert evaluate.format_accuracy(saved["robust_count"], 48) in out.splitlines()[-1]
     assert saved["n"] == 48 and saved["method"] == "pgd-at" and saved["dataset"] == "synthetic"
     assert [a["name"] for a in saved["attacks"]] == ["pgd20", "cw"]
     accs = [saved["clean_acc"]] + [a["acc_after"] for a in saved["attacks"]]
@@ -214,6 +245,28 @@ def test_end_to_end_errors_are_clear(checkpoint, tmp_path):
         evaluate.main([checkpoint, "--attacks", "pgd7", "--device", "cpu"])
     with pytest.raises(common.UserError, match="needs --transfer-from"):
         evaluate.main([checkpoint, "--attacks", "transfer", "--device", "cpu"])
+
+
+def test_report_is_on_disk_before_the_diagnostics_and_written_atomically(checkpoint, tmp_path, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the diagnostics
+    monkeypatch.setattr(evaluate, "diagnose", interrupted)
+    path = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main([checkpoint, "--attacks", "fgsm", "--n", "16", "--device", "cpu", "--quiet", "--diagnose",
+                       "--json", str(path)])
+    saved = json.loads(path.read_text())  # the cascade survived
+    assert saved["n"] == 16 and "robust_acc" in saved and "diagnostics" not in saved
+    assert os.listdir(tmp_path) == ["r.json"]  # no temp file left behind
+    real_dump = json.dump
+
+    def dump_then_fail(obj, f, **kw):
+        real_dump({"half": 1}, f)
+        raise OSError("disk full")
+    monkeypatch.setattr(json, "dump", dump_then_fail)
+    with pytest.raises(OSError):
+        evaluate.write_report(str(path), {"n": 1})
+    assert json.loads(path.read_text())["n"] == 16 and os.listdir(tmp_path) == ["r.json"]  # the old one intact
 
 
 def test_missing_official_autoattack_is_a_clear_error(checkpoint, monkeypatch):
@@ -337,30 +390,64 @@ def test_square_counts_queries_as_autoattack_does():
     assert len(calls) == 41 and sum(calls) == 2 * 41  # one initial query + 40 iterations, per image
 
 
-def test_evaluation_runs_with_tf32_off_and_restores_it(monkeypatch):
+@pytest.mark.skipif(not hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"),
+                    reason="PyTorch < 2.9: no fp32_precision API")
+def test_evaluation_runs_in_strict_float32_with_the_new_api_and_restores_it(monkeypatch):
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     seen = {}
     monkeypatch.setattr(evaluate, "evaluate", lambda args: seen.update(
-        cudnn=torch.backends.cudnn.allow_tf32, matmul=torch.backends.cuda.matmul.allow_tf32))
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        conv=cudnn.conv.fp32_precision, matmul=matmul.fp32_precision, benchmark=cudnn.benchmark))
+    before = cudnn.conv.fp32_precision, matmul.fp32_precision, cudnn.benchmark
+    # A notebook or library that used the new API: reading the legacy allow_tf32 flags would now raise.
+    cudnn.conv.fp32_precision = matmul.fp32_precision = "tf32"
+    cudnn.benchmark = True  # as a training run in the same process leaves it
     try:
         evaluate.main(["x.pt"])
-        assert seen == {"cudnn": False, "matmul": False}
-        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        assert seen == {"conv": "ieee", "matmul": "ieee", "benchmark": False}
+        assert (cudnn.conv.fp32_precision, matmul.fp32_precision, cudnn.benchmark) == ("tf32", "tf32", True)
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        cudnn.conv.fp32_precision, matmul.fp32_precision, cudnn.benchmark = before
+
+
+def test_evaluation_runs_with_legacy_tf32_flags_off_and_restores_them(monkeypatch):
+    monkeypatch.setattr(type(torch.backends.cudnn), "conv", None, raising=False)  # as PyTorch < 2.9
+    seen = {}
+    monkeypatch.setattr(evaluate, "evaluate", lambda args: seen.update(
+        cudnn=torch.backends.cudnn.allow_tf32, matmul=torch.backends.cuda.matmul.allow_tf32,
+        benchmark=torch.backends.cudnn.benchmark))
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.benchmark = True
+    try:
+        evaluate.main(["x.pt"])
+        assert seen == {"cudnn": False, "matmul": False, "benchmark": False}
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
+    finally:
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.benchmark) = before
 
 
 # ----------------------------------------------------------------- what was run, and progress
 def test_report_names_protocol_and_precision(checkpoint, tmp_path):
     common_args = [checkpoint, "--preset", "standard", "--n", "16", "--apgd-iters", "3", "--device", "cpu", "--quiet"]
     fp32 = evaluate.main(common_args + ["--json", str(tmp_path / "a.json")])
-    assert fp32["protocol"] == "AA-lite: apgd-ce, apgd-t (9 targets; no FAB-T, no Square)"
+    assert fp32["protocol"] == "custom: apgd-ce, apgd-t (apgd_iters=3)"  # not AutoAttack's budget: not "AA-lite"
     assert fp32["precision"] == "float32" and fp32["skipped"] == {}
     assert fp32["attack_settings"]["apgd_t_targets"] == 9
     bf16 = evaluate.main(common_args + ["--amp", "--json", str(tmp_path / "b.json")])
     assert bf16["precision"].startswith("bf16") and "decision in float32" in bf16["precision"]
     assert json.loads((tmp_path / "b.json").read_text())["protocol"] == fp32["protocol"]
+
+
+def test_protocol_label_names_presets_only_at_their_default_budgets():
+    label = evaluate.protocol_label
+    assert label(["apgd-ce", "apgd-t"], 10) == "AA-lite: apgd-ce, apgd-t (9 targets; no FAB-T, no Square)"
+    assert label(["apgd-ce", "apgd-t", "square"], 10, square_queries=500) == \
+        "custom: apgd-ce, apgd-t, square (square_queries=500)"
+    assert label(["apgd-ce", "apgd-t"], 10, square_queries=500).startswith("AA-lite")  # Square did not run
+    assert label(["pgd20", "cw"], 10) == "quick: pgd20, cw"
+    assert label(["pgd20", "cw"], 10, pgd_step=0.01) == "custom: pgd20, cw (pgd_step=0.01)"
+    assert label(["autoattack"], 5) == "AutoAttack, official package, version standard (4 targets)"
+    assert label(["fgsm"], 10) == "custom: fgsm"
 
 
 def test_few_classes_skip_apgd_t_and_diagnostics_sample_across_classes(tmp_path, monkeypatch, capsys):
@@ -386,7 +473,7 @@ def test_few_classes_skip_apgd_t_and_diagnostics_sample_across_classes(tmp_path,
                             "--device", "cpu", "--quiet", "--json", str(tmp_path / "r.json")])
     assert [a["name"] for a in report["attacks"]] == ["apgd-ce"]
     assert "apgd-t" in report["skipped"] and "4+ classes" in report["skipped"]["apgd-t"]
-    assert report["protocol"].startswith("custom: apgd-ce") and "apgd-t skipped" in report["protocol"]
+    assert report["protocol"].startswith("custom: apgd-ce (apgd_iters=3)") and "apgd-t skipped" in report["protocol"]
     assert report["attack_settings"]["apgd_t_targets"] == 2
     assert len(seen[0]) == 6 and len(set(seen[0])) > 1  # not the first 6 images, which are all class "a"
     assert "apgd-t skipped" in capsys.readouterr().out.splitlines()[-1]
@@ -394,9 +481,19 @@ def test_few_classes_skip_apgd_t_and_diagnostics_sample_across_classes(tmp_path,
 
 def test_cascade_hints_and_square_warning():
     names = ["apgd-ce", "apgd-t", "square"]
-    out = evaluate.cascade_warnings(names, {"apgd-ce": 0.50, "apgd-t": 0.45, "square": 0.447})
+    # APGD-T breaks 50 of the 250 images APGD-CE left (20%): an honest model's few percent, not above 25%
+    assert evaluate.cascade_warnings(names, {"apgd-ce": 250, "apgd-t": 200, "square": 199}, 1000) == []
+    # 40 of 100 (40%): more than a quarter at 99% confidence; Square then removes 3 more of 1000 (0.3 points)
+    out = evaluate.cascade_warnings(names, {"apgd-ce": 100, "apgd-t": 60, "square": 57}, 1000)
     assert len(out) == 2 and out[0].startswith("hint: APGD-T") and out[1].startswith("warning: the black-box Square")
-    assert evaluate.cascade_warnings(names, {"apgd-ce": 0.50, "apgd-t": 0.49, "square": 0.489}) == []
+    assert "breaks 40 of the 100 images" in out[0]
+    # one 2-point drop (20 of 1000 images): a hint when APGD-CE left 30, silence when it left 600 (scale-free)
+    assert evaluate.cascade_warnings(names[:2], {"apgd-ce": 30, "apgd-t": 10}, 1000)
+    assert not evaluate.cascade_warnings(names[:2], {"apgd-ce": 600, "apgd-t": 580}, 1000)
+    t = evaluate.apgd_t_test(names, {"apgd-ce": 100, "apgd-t": 60, "square": 57})
+    assert (t["R"], t["b"], t["share"], t["q0"]) == (100, 40, 0.4, 0.25)
+    assert t["p"] == pytest.approx(evaluate.binom_tail(40, 100, 0.25)) and t["p"] < 0.01
+    assert evaluate.apgd_t_test(["apgd-t", "apgd-ce"], {"apgd-ce": 1, "apgd-t": 1}) is None
 
 
 def test_progress_line_on_a_non_tty_run_and_quiet_silences_it(checkpoint, tmp_path, monkeypatch, capsys):

@@ -2,7 +2,8 @@
 
 Each adversarial method must beat an undefended model trained the same way (same script plumbing, subset,
 epochs and optimiser; eps 0) under PGD-20 on held-out test images by a clear margin; defensive distillation
-must instead show its gradient-masking signature. Skipped unless MNIST_DIR points at a torchvision MNIST root
+must instead show its gradient-masking signature, and evaluate.py's verdict must flag it and not the PGD-AT
+model, nor call a model at chance robust or masked. Skipped unless MNIST_DIR points at a torchvision MNIST root
 (CI: .ci/run copies ../shared/data/mnist to a writable folder and sets it).
 
 Budget (ours, measured on 2 cores): 3,000 training images, 3 epochs, PGD-5 training at eps 0.1 with a
@@ -14,9 +15,13 @@ import os
 import pytest
 import torch
 
+import argparse
+import types
+
 import at_alp
 import common
 import defensive_distillation as dd
+import evaluate
 import infoard
 import ltd
 
@@ -99,9 +104,14 @@ def test_infoard(pgd_at_teacher, tmp_path, test_set, undefended):
     assert_robust(path, test_set, undefended, "infoard")
 
 
-def test_defensive_distillation_masks_instead(tmp_path, test_set):
+@pytest.fixture(scope="module")
+def dd_checkpoint(tmp_path_factory):
+    return dd.main(BASE + ["--optimizer", "adam", "--epochs", "2", "--out-dir", str(tmp_path_factory.mktemp("dd"))])
+
+
+def test_defensive_distillation_masks_instead(dd_checkpoint, test_set):
     """DD at T = 100: the CE attack finds (almost) nothing, the margin attack breaks it; the logits are huge."""
-    path = dd.main(BASE + ["--optimizer", "adam", "--epochs", "2", "--out-dir", str(tmp_path)])
+    path = dd_checkpoint
     clean, robust_ce = accuracy(path, test_set)
     _, robust_cw = accuracy(path, test_set, loss="cw")
     model, ck = common.build_model_from_checkpoint(path)
@@ -111,3 +121,36 @@ def test_defensive_distillation_masks_instead(tmp_path, test_set):
     assert ck["temperature"] == 1.0 and clean > 0.7, (ck["temperature"], clean)
     assert mean_logit > 100, mean_logit  # T = 100 training leaves T-fold logits at deployment
     assert robust_cw < robust_ce - 0.3, (robust_ce, robust_cw)  # apparent robustness = gradient masking
+
+
+def test_verdicts_flag_defensive_distillation_not_pgd_at_and_not_a_chance_model(dd_checkpoint, pgd_at_teacher, tmp_path):
+    """evaluate.py --diagnose at the training eps on 200 real test images: the paired CE-vs-margin test flags
+    DD (cross-entropy leaves nearly everything, the margin attack nearly nothing), says nothing about PGD-AT,
+    and a model at chance gets "has not learned", neither "robust" nor "masking suspected"."""
+    run = lambda path, name: evaluate.main([path, "--attacks", "pgd20", "--n", "200", "--eps", str(EPS), "--diagnose",
+                                            "--diagnose-n", "200", "--square-queries", "200", "--data-dir", MNIST,
+                                            "--device", "cpu", "--quiet", "--json", str(tmp_path / f"{name}.json")])
+    dd_report = run(dd_checkpoint, "dd")["diagnostics"]
+    t = dd_report["ce_vs_margin"]
+    print(f"dd: {dd_report['verdict']}")
+    assert dd_report["masking_suspected"] and dd_report["verdict"].startswith("gradient masking suspected")
+    # at eps 0.2 and this budget the margin attack breaks about two thirds of what CE leaves (p ~ 5e-4)
+    assert any(r.startswith("CE-vs-margin") for r in dd_report["reasons"]) and t["share"] > 0.55 and t["p"] < 0.01
+    assert any("zero input gradient of the CE loss" in r for r in dd_report["reasons"])
+    at_report = run(pgd_at_teacher, "pgdat")["diagnostics"]
+    t = at_report["ce_vs_margin"]
+    print(f"pgd-at: R {t['R']}, b {t['b']}, p {t['p']:.3g}: {at_report['verdict']}")
+    assert at_report["judged"] and t["R"] > 50 and t["share"] < evaluate.Q0_CE_MARGIN
+    assert at_report["verdict"] == "no sign of gradient masking", at_report["reasons"]
+    model = common.build_model("papernot-mnist", 10, 1, 28)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):  # equal logits: class 0 for every image, chance on MNIST
+                m.weight.zero_(), m.bias.zero_()
+    path = str(tmp_path / "chance.pt")
+    torch.save(common.make_checkpoint(model, argparse.Namespace(arch="papernot-mnist", dataset="mnist", data_dir=MNIST),
+                                      types.SimpleNamespace(num_classes=10, channels=1, size=28), "test", 0, {}), path)
+    chance = run(path, "chance")
+    assert chance["warnings"][0].startswith("warning: model has not learned")
+    assert chance["diagnostics"]["verdict"].startswith("model has not learned")
+    assert chance["diagnostics"]["masking_suspected"] is None
