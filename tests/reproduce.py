@@ -266,29 +266,7 @@ def mean_sd_interval(values):
 
 def sign_test(wins, losses):
     """Two-sided exact sign test: P of a split at least this uneven among wins + losses fair coin flips."""
-    n, k = wins + losses, min(wins, losses)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
-
-
-def wilson(k, n, z=1.959964):
-    """The 95% Wilson score interval of a proportion k/n."""
-    p, d = k / n, 1 + z * z / n
-    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
-
-
-def fmt_acc(k, n):
-    lo, hi = wilson(k, n)
-    return f"{100 * k / n:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}], {k}/{n}"
-
-
-def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    return min(1.0, 2 * evaluate.binom_tail(max(wins, losses), wins + losses, 0.5)) if wins + losses else 1.0
 
 
 def fmt_time(s):
@@ -306,7 +284,8 @@ def aggregate(rows):
         aa, aas, _ = mean_sd_interval([100 * r["aa_lite"] for r in rs])
         models.append(dict(label=label, family=rs[0]["family"], seeds=[r["seed"] for r in rs], clean_mean=c,
                            clean_sd=cs, aa_mean=aa, aa_sd=aas,
-                           masked=sum(bool(r["masking_suspected"]) for r in rs)))
+                           masked=sum(bool(r["masking_suspected"]) for r in rs),
+                           unjudged=sum(r["masking_suspected"] is None for r in rs)))
     families = []
     for fam in dict.fromkeys(r["family"] for r in rows):
         base_label, method_label = [m for m in (x[2] for x in RUNS if x[1] == fam)]
@@ -361,8 +340,8 @@ def write_table(a, rows):
     for r in rows:  # the verdict's reasons and the cascade's hints are in results.json and eval/<name>-s<seed>.json
         n, pi = r["n"], r["per_image"]
         verdict = str(r["verdict"]).split(":")[0].replace("|", "/")
-        lines.append(f"| {r['family']} | {r['label']} | {r['seed']} | {fmt_acc(pi['clean'].count('1'), n)} | "
-                     f"{100 * r['after_apgd_ce']:.1f}% | {fmt_acc(pi['robust'].count('1'), n)} | {verdict} | "
+        lines.append(f"| {r['family']} | {r['label']} | {r['seed']} | {evaluate.format_accuracy(pi['clean'].count('1'), n)} | "
+                     f"{100 * r['after_apgd_ce']:.1f}% | {evaluate.format_accuracy(pi['robust'].count('1'), n)} | {verdict} | "
                      f"{fmt_time(r['train_s'])} | {r['images_per_s']:.0f} | {r['device']} |")
     models, families = aggregate(rows)
     sd = lambda v: "" if v is None else f" ± {v:.1f}"
@@ -370,7 +349,8 @@ def write_table(a, rows):
               "| family | model | seeds | clean | AA-lite | runs flagged for masking |", "|---|---|---|---|---|---|"]
     for m in models:
         lines.append(f"| {m['family']} | {m['label']} | {len(m['seeds'])} | {m['clean_mean']:.1f}{sd(m['clean_sd'])} | "
-                     f"{m['aa_mean']:.1f}{sd(m['aa_sd'])} | {m['masked']}/{len(m['seeds'])} |")
+                     f"{m['aa_mean']:.1f}{sd(m['aa_sd'])} | {m['masked']}/{len(m['seeds'])}"
+                     + (f" ({m['unjudged']} not judged: not learned)" if m["unjudged"] else "") + " |")
     lines += ["", "Paired differences, method - baseline (AA-lite, points; per seed, then mean and 95% t-interval "
                   "over seeds; per image pooled over seeds, with a two-sided sign test):", "",
               "| family | difference | per seed | mean | 95% t-interval | robust only for method / only for baseline | sign test p |",
@@ -381,9 +361,12 @@ def write_table(a, rows):
                      f"{f['mean']:+.1f} | {ci} | {f['method_only']} / {f['baseline_only']} | {f['sign_p']:.2g} |")
     lines += [""] + [f"- {verdict_words(f)}" for f in families]
     md = "\n".join(lines) + "\n"
-    write_atomic(os.path.join(a.out_dir, "results.md"), md)
-    write_atomic(os.path.join(a.out_dir, "results.json"), json.dumps(
-        {"settings": vars(a), "rows": rows, "models": models, "families": families}, indent=1))
+    tmp = os.path.join(a.out_dir, f"results.md.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(md)
+    os.replace(tmp, os.path.join(a.out_dir, "results.md"))
+    evaluate.write_report(os.path.join(a.out_dir, "results.json"),
+                          {"settings": vars(a), "rows": rows, "models": models, "families": families})
     return md
 
 

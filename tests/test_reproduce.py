@@ -59,7 +59,8 @@ def test_table_has_one_row_per_run_and_seed_with_a_verdict(first_call):
     for line, r in zip(table, rows):
         k = r["per_image"]["robust"].count("1")
         assert f"| {r['label']} | {r['seed']} |" in line and f"{100 * k / 8:.1f}% [" in line and f"], {k}/8 |" in line
-        assert ("masking suspected" in line) == r["masking_suspected"] and "masking" in line
+        assert ("masking suspected" in line) == bool(r["masking_suspected"])
+        assert str(r["verdict"]).split(":")[0] in line  # the verdict's headline (masking, or "has not learned")
     assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
     # the families share what they must: LTD, RSLAD and InfoARD distil from the same seed's TRADES-AWP best.pt
     for r in rows:
@@ -100,9 +101,6 @@ def test_statistics_helpers_against_hand_computed_values():
     assert reproduce.mean_sd_interval([5.0]) == (5.0, None, None)
     assert reproduce.t_quantile(2) == 4.303 and reproduce.t_quantile(40) == pytest.approx(2.0211, abs=2e-4)
     assert reproduce.t_quantile(120) == pytest.approx(1.9799, abs=2e-4)
-    lo, hi = reproduce.wilson(156, 500)
-    assert (round(100 * lo, 1), round(100 * hi, 1)) == (27.3, 35.4)
-    assert reproduce.wilson(0, 10)[0] == 0 and reproduce.wilson(10, 10)[1] == pytest.approx(1)
 
 
 def test_second_call_reuses_finished_runs_and_resumes_an_unfinished_one(first_call, monkeypatch):
