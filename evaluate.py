@@ -143,6 +143,21 @@ def not_learned(correct, n, num_classes):
 
 
 # ----------------------------------------------------------------------------------------- APGD
+def dlr_loss(logits, y):
+    """Per-sample DLR loss of Croce & Hein 2020 (maximised): -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3)."""
+    z = logits.float()
+    zs = z.sort(1, descending=True).values
+    return common.cw_margin_loss(z, y) / (zs[:, 0] - zs[:, 2] + 1e-12)
+
+
+def dlr_targeted_loss(logits, y, target):
+    """Targeted DLR (maximised): -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)."""
+    z = logits.float()
+    zs = z.sort(1, descending=True).values
+    z_y, z_t = z.gather(1, y[:, None]).squeeze(1), z.gather(1, target[:, None]).squeeze(1)
+    return -(z_y - z_t) / (zs[:, 0] - 0.5 * (zs[:, 2] + zs[:, 3]) + 1e-12)
+
+
 def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75):
     """APGD (Croce & Hein 2020) for L-inf. loss: 'ce', 'dlr' or 'dlr-t' (targeted, needs `target`).
 
@@ -150,8 +165,8 @@ def apgd(model, x, y, eps, n_iter=100, loss="ce", target=None, rho=0.75):
     point. Under autocast the gradient comes from the bf16 forward and every decision from a float32 one.
     """
     def loss_of(logits):
-        return (F.cross_entropy(logits, y, reduction="none") if loss == "ce" else common.dlr_loss(logits, y)
-                if loss == "dlr" else common.dlr_targeted_loss(logits, y, target))
+        return (F.cross_entropy(logits, y, reduction="none") if loss == "ce" else dlr_loss(logits, y)
+                if loss == "dlr" else dlr_targeted_loss(logits, y, target))
 
     def loss_and_grad(z):
         z = z.clone().requires_grad_(True)
@@ -464,7 +479,7 @@ def diagnose(model, x, y, eps, alpha, num_classes, autocast, square_queries=1000
     d["mean_abs_logit"] = z.abs().mean().item()
     d["mean_top2_margin"] = (top2[:, 0] - top2[:, 1]).mean().item()
     d["saturated_softmax_share"] = (F.softmax(z, 1).amax(1) == 1.0).float().mean().item()
-    margin_loss = common.dlr_loss if num_classes >= 3 else common.cw_margin_loss
+    margin_loss = dlr_loss if num_classes >= 3 else common.cw_margin_loss
 
     def zero_grad(loss):
         def f(xb, yb):

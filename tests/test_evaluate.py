@@ -534,3 +534,18 @@ def test_run_main_closes_live_progress_lines_before_an_error(capsys):
         common.run_main(failing)
     assert not common.Progress.live
     assert "error: boom" in capsys.readouterr().err
+
+
+def test_cw_and_dlr_losses_match_hand_computation():
+    z = torch.tensor([[3.0, 1.0, 2.0, -1.0], [0.5, 4.0, 1.0, 0.0]])
+    y = torch.tensor([0, 0])
+    # CW margin: max_{i != y} z_i - z_y
+    assert torch.allclose(common.cw_margin_loss(z, y), torch.tensor([2.0 - 3.0, 4.0 - 0.5]))
+    # DLR: -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3); sorted rows: [3,2,1,-1] and [4,1,0.5,0]
+    assert torch.allclose(evaluate.dlr_loss(z, y), torch.tensor([-(3 - 2) / (3 - 1), -(0.5 - 4) / (4 - 0.5)]))
+    # targeted DLR: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)
+    t = torch.tensor([3, 2])
+    want = torch.tensor([-(3 - -1) / (3 - (1 + -1) / 2), -(0.5 - 1) / (4 - (0.5 + 0) / 2)])
+    assert torch.allclose(evaluate.dlr_targeted_loss(z, y, t), want)
+    # DLR is invariant to shifting and scaling the logits; CE is not.
+    assert torch.allclose(evaluate.dlr_loss(7 * z + 5, y), evaluate.dlr_loss(z, y), atol=1e-6)

@@ -35,6 +35,15 @@ PGD_AT = ["--alp", "0", "--at", "0", "--w-clean", "0", "--w-adv", "1"]
 MARGIN = 0.15  # robust accuracy above the undefended model's (~16% at eps 0.2)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    """These trainings are the suite's largest: two threads (1.6x faster on 2 cores) instead of conftest's one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def test_set():
     (x, y), _ = common.load_dataset("mnist", MNIST, train=False)
@@ -65,11 +74,6 @@ def pgd_at_teacher(tmp_path_factory):
     return at_alp.main(BASE + PGD_AT + ["--out-dir", str(tmp_path_factory.mktemp("pgdat"))])
 
 
-@pytest.fixture(scope="module")
-def trades_teacher(tmp_path_factory):
-    return ltd.main(BASE + ["--no-distill", "--out-dir", str(tmp_path_factory.mktemp("trades"))])
-
-
 def assert_robust(path, test_set, undefended, method):
     clean, robust = accuracy(path, test_set)
     print(f"{method}: clean {clean:.3f}, PGD-20 {robust:.3f} (undefended {undefended:.3f})")
@@ -85,18 +89,9 @@ def test_at_alp(tmp_path, test_set, undefended):
     assert_robust(at_alp.main(BASE + ["--out-dir", str(tmp_path)]), test_set, undefended, "at+alp")
 
 
-def test_trades_awp(trades_teacher, test_set, undefended):
-    assert_robust(trades_teacher, test_set, undefended, "trades-awp")
-
-
-def test_ltd(trades_teacher, tmp_path, test_set, undefended):
-    path = ltd.main(BASE + ["--teacher", trades_teacher, "--out-dir", str(tmp_path)])
+def test_ltd(pgd_at_teacher, tmp_path, test_set, undefended):
+    path = ltd.main(BASE + ["--teacher", pgd_at_teacher, "--out-dir", str(tmp_path)])
     assert_robust(path, test_set, undefended, "ltd")
-
-
-def test_rslad(pgd_at_teacher, tmp_path, test_set, undefended):
-    path = infoard.main(BASE + ["--asa", "off", "--mim", "logit", "--teacher", pgd_at_teacher, "--out-dir", str(tmp_path)])
-    assert_robust(path, test_set, undefended, "rslad")
 
 
 def test_infoard(pgd_at_teacher, tmp_path, test_set, undefended):
@@ -124,18 +119,18 @@ def test_defensive_distillation_masks_instead(dd_checkpoint, test_set):
 
 
 def test_verdicts_flag_defensive_distillation_not_pgd_at_and_not_a_chance_model(dd_checkpoint, pgd_at_teacher, tmp_path):
-    """evaluate.py --diagnose at the training eps on 200 real test images: the paired CE-vs-margin test flags
-    DD (cross-entropy leaves nearly everything, the margin attack nearly nothing), says nothing about PGD-AT,
-    and a model at chance gets "has not learned", neither "robust" nor "masking suspected"."""
-    run = lambda path, name: evaluate.main([path, "--attacks", "pgd20", "--n", "200", "--eps", str(EPS), "--diagnose",
+    """evaluate.py --diagnose on 200 real test images: the paired CE-vs-margin test flags DD at MNIST's eps 0.3
+    (cross-entropy leaves most images, the margin attack nearly none; at 0.2 this weakly trained DD keeps ~30%
+    against the margin attack too, and the test is then a coin flip), says nothing about PGD-AT at its training
+    eps, and a model at chance gets "has not learned", neither "robust" nor "masking suspected"."""
+    run = lambda path, name, eps=EPS: evaluate.main([path, "--attacks", "pgd20", "--n", "200", "--eps", str(eps), "--diagnose",
                                             "--diagnose-n", "200", "--square-queries", "200", "--data-dir", MNIST,
                                             "--device", "cpu", "--quiet", "--json", str(tmp_path / f"{name}.json")])
-    dd_report = run(dd_checkpoint, "dd")["diagnostics"]
+    dd_report = run(dd_checkpoint, "dd", 0.3)["diagnostics"]
     t = dd_report["ce_vs_margin"]
     print(f"dd: {dd_report['verdict']}")
     assert dd_report["masking_suspected"] and dd_report["verdict"].startswith("gradient masking suspected")
-    # at eps 0.2 and this budget the margin attack breaks about two thirds of what CE leaves (p ~ 5e-4)
-    assert any(r.startswith("CE-vs-margin") for r in dd_report["reasons"]) and t["share"] > 0.55 and t["p"] < 0.01
+    assert any(r.startswith("CE-vs-margin") for r in dd_report["reasons"]) and t["share"] > 0.8 and t["p"] < 1e-6
     assert any("zero input gradient of the CE loss" in r for r in dd_report["reasons"])
     at_report = run(pgd_at_teacher, "pgdat")["diagnostics"]
     t = at_report["ce_vs_margin"]
