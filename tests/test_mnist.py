@@ -34,6 +34,7 @@ EPS = 0.2
 BASE = ["--dataset", "mnist", "--data-dir", str(MNIST), "--device", "cpu", "--train-size", "4000",
         "--val-size", "200", "--epochs", "3", "--eps", str(EPS), "--steps", "5", "--eps-warmup", "1"]
 PGD_AT = ["--alp", "0", "--at", "0", "--w-clean", "0", "--w-adv", "1"]
+STUDENT = ["--epochs", "2"]  # distilled from the PGD-AT teacher, the students need fewer epochs
 MARGIN = 0.15  # robust accuracy above the undefended model's (12% at eps 0.2 when measured)
 
 
@@ -68,7 +69,7 @@ def undefended(tmp_path_factory, test_set):
     clean, robust = accuracy(path, test_set)
     print(f"undefended: clean {clean:.3f}, PGD-20 {robust:.3f}")
     assert clean > 0.9 and robust < 0.3, (clean, robust)  # learnt, and PGD-20 at eps 0.2 breaks it
-    return robust
+    return robust, path
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,7 @@ def pgd_at_teacher(tmp_path_factory):
 
 
 def assert_robust(path, test_set, undefended, method):
+    undefended = undefended[0]
     clean, robust = accuracy(path, test_set)
     print(f"{method}: clean {clean:.3f}, PGD-20 {robust:.3f} (undefended {undefended:.3f})")
     assert clean > 0.5 and robust > undefended + MARGIN, (method, clean, robust, undefended)
@@ -92,12 +94,13 @@ def test_at_alp(tmp_path, test_set, undefended):
 
 
 def test_ltd(pgd_at_teacher, tmp_path, test_set, undefended):
-    path = ltd.main(BASE + ["--teacher", pgd_at_teacher, "--out-dir", str(tmp_path)])
+    path = ltd.main(BASE + STUDENT + ["--teacher", pgd_at_teacher, "--out-dir", str(tmp_path)])
     assert_robust(path, test_set, undefended, "ltd")
 
 
 def test_infoard(pgd_at_teacher, tmp_path, test_set, undefended):
-    path = infoard.main(BASE + ["--teacher", pgd_at_teacher, "--out-dir", str(tmp_path)])
+    # the strength table moves from epoch 2 on (MNIST's default warm-up is 2 epochs)
+    path = infoard.main(BASE + STUDENT + ["--asa-warmup", "1", "--teacher", pgd_at_teacher, "--out-dir", str(tmp_path)])
     assert_robust(path, test_set, undefended, "infoard")
 
 
@@ -106,17 +109,28 @@ def dd_checkpoint(tmp_path_factory):
     return dd.main(BASE + ["--optimizer", "adam", "--epochs", "2", "--out-dir", str(tmp_path_factory.mktemp("dd"))])
 
 
-def test_defensive_distillation_masks_instead(dd_checkpoint, test_set):
-    """DD at T = 100: the CE attack finds (almost) nothing, the margin attack breaks it; the logits are huge."""
+def logits_and_zero_gradients(path, test_set):
+    """(mean |logit|, share of images whose float32 CE input gradient is exactly zero) of a checkpoint."""
+    model, _ = common.build_model_from_checkpoint(path)
+    x = test_set[0].clone().requires_grad_(True)
+    logits = model(x)
+    grad, = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, test_set[1], reduction="sum"), x)
+    return logits.abs().mean().item(), (grad.flatten(1).abs().amax(1) == 0).float().mean().item()
+
+
+def test_defensive_distillation_masks_instead(dd_checkpoint, test_set, undefended):
+    """DD at T = 100: the CE attack finds (almost) nothing, the margin attack breaks it; its logits dwarf those of
+    a T = 1 model of the same arch (the undefended one) and its CE input gradients are exactly zero."""
     path = dd_checkpoint
     clean, robust_ce = accuracy(path, test_set)
     _, robust_cw = accuracy(path, test_set, loss="cw")
-    model, ck = common.build_model_from_checkpoint(path)
-    with torch.no_grad():
-        mean_logit = model(test_set[0]).abs().mean().item()
-    print(f"dd: clean {clean:.3f}, PGD-20 CE {robust_ce:.3f}, CW {robust_cw:.3f}, mean |logit| {mean_logit:.0f}")
+    ck = common.load_checkpoint(path)
+    (big, zero_dd), (small, zero_plain) = (logits_and_zero_gradients(p, test_set) for p in (path, undefended[1]))
+    print(f"dd: clean {clean:.3f}, PGD-20 CE {robust_ce:.3f}, CW {robust_cw:.3f}, mean |logit| {big:.0f} "
+          f"(T = 1: {small:.1f}), zero CE gradients {zero_dd:.2f} (T = 1: {zero_plain:.2f})")
     assert ck["temperature"] == 1.0 and clean > 0.7, (ck["temperature"], clean)
-    assert mean_logit > 100, mean_logit  # T = 100 training leaves T-fold logits at deployment
+    assert big > 100 and big > 10 * small, (big, small)  # T = 100 training leaves T-fold logits at deployment
+    assert zero_dd > 0.5 and zero_plain == 0.0, (zero_dd, zero_plain)  # the saturated softmax's consequence
     assert robust_cw < robust_ce - 0.3, (robust_ce, robust_cw)  # apparent robustness = gradient masking
 
 
