@@ -62,15 +62,16 @@ Fidelity (legend in README.md, 'Fidelity'): the paper's full text and code were 
     step max(e/5, 2/255), and writes eps0 x [S right on x] into the memory during warm-up (ours: hi, e/4, eps0).
     The bounds follow the --eps-warmup ramp (--asa conf); --asa instance needs --asa-warmup >= --eps-warmup.
   Why beta 1 (measured, real MNIST, 10,000 training images, 4 epochs = 2 after the warm-up, one TRADES-AWP
-    teacher, w_kl 0.1, seed 0; AA-lite at eps 0.3 on the same 500 test images): ours 92.2% clean / 18.2% AA-lite,
-    table mean 65.4/255 (10th-90th percentile 40.2-94.7) after the last epoch; --asa-beta 0.1: 92.4% / 15.6%,
-    table 75.1 (72.9-78.3), barely off eps0 = 76.5 after two visits per image; all four IAAT options: 92.4% /
-    13.6%, table 72.7 (67.0-78.3). Per image, 15 and 23 images are robust for ours only, 2 and 0 the other way
-    (sign tests p = 0.002 and 2e-7: test-image noise, not seed noise; one seed). At the papers' 200 epochs each
-    image is visited ~190 times and beta 0.1 can settle; that comparison is not measured.
-Measured: real MNIST only, small CPU budget (tests/reproduce.py's MNIST command in the README, seed 0):
-InfoARD 93.1% clean / 18.6% AA-lite, RSLAD 93.8% / 15.8% on 1,000 test images, one TRADES-AWP teacher, both at
-w_kl 0.1 (10,000 images, 4 epochs, eps 0.3). No CIFAR yet.
+    teacher, w_kl 0.1, seed 0; AA-lite at eps 0.3 on the same 500 test images): ours 92.2% clean / 18.2% [15.1,
+    21.8] AA-lite (91/500), table mean 65.4/255 (10th-90th percentile 40.2-94.7) after the last epoch;
+    --asa-beta 0.1: 92.4% / 15.6% [12.7, 19.0] (78/500), table 75.1 (72.9-78.3), barely off eps0 = 76.5 after
+    two visits per image; all four IAAT options: 92.4% / 13.6% [10.9, 16.9] (68/500), table 72.7 (67.0-78.3).
+    Per image, 15 and 23 images are robust for ours only, 2 and 0 the other way (sign tests p = 0.002 and 2e-7:
+    test-image noise, not seed noise; one seed). At the papers' 200 epochs each image is visited ~190 times and
+    beta 0.1 can settle; that comparison is not measured.
+Measured: real MNIST only, small CPU budget (tests/reproduce.py's MNIST command in the README, seed 0): InfoARD
+93.1% clean / 18.6% [16.3, 21.1] AA-lite (186/1000), RSLAD 93.8% / 15.8% [13.7, 18.2] (158/1000), one TRADES-AWP
+teacher, both at w_kl 0.1 (10,000 images, 4 epochs, eps 0.3). No CIFAR yet.
 """
 import os
 import time

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import common
 import defensive_distillation as dd
 import evaluate
+from tests.util import torch_threads
 
 # Adam is immune to the 1/T gradient scale, so at T = 100 it grows T-fold logits within ~300 CPU steps
 # (SGD needs epochs of real data for that, see the method's docstring); the one-cycle warm-up keeps early
@@ -21,10 +22,8 @@ FAST = ["--dataset", "synthetic", "--arch", "papernot-mnist", "--device", "cpu",
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

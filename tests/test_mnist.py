@@ -26,6 +26,7 @@ import defensive_distillation as dd
 import evaluate
 import infoard
 import ltd
+from tests.util import torch_threads
 
 MNIST = os.environ.get("MNIST_DIR")
 pytestmark = pytest.mark.skipif(not MNIST, reason="set MNIST_DIR to a torchvision MNIST root")
@@ -41,10 +42,8 @@ MARGIN = 0.15  # robust accuracy above the undefended model's (12% at eps 0.2 wh
 @pytest.fixture(scope="module", autouse=True)
 def two_threads():
     """These trainings are the suite's largest: two threads (1.6x faster on 2 cores) instead of conftest's one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """Test fixtures: a minimal PGD adversarial-training script built only from common.py's utilities."""
+import contextlib
 import os
 import time
 
@@ -71,3 +72,14 @@ def train_small_cnn(epochs=6):
             F.cross_entropy(net(xb), yb).backward()
             opt.step()
     return net.eval(), xt.float() / 255, yt
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """Run the block with n torch threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
