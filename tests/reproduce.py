@@ -27,6 +27,13 @@ Files in --out-dir: runs/<name>-s<seed>/ (the script's own --out-dir; DONE marks
 eval/<name>-s<seed>.json (evaluate.py's report), results.md (the tables for the README) and results.json.
 Resume: run the same command again. A run with best.pt and DONE is reused as it is; a run started but not
 finished continues with --resume; an evaluation whose JSON exists is reused (a retrained run is re-evaluated).
+
+--rows-dir DIR also keeps each finished row (its numbers, per-image outcomes, verdict, time and command; a few
+KB, no weights) as DIR/<name>-s<seed>.json, and a row found there is reused without its checkpoint. That spreads
+a multi-seed run over machines or sessions whose files do not last: run one seed at a time, keep DIR (commit
+it), and the last call with every seed writes the aggregate table. A teacher whose row is kept but whose
+checkpoint is gone is trained again (and re-evaluated) only if a student of its seed still needs it. Rows made
+with other settings are refused, not overwritten.
 """
 import argparse
 import gc
@@ -86,6 +93,8 @@ def get_args(argv=None):
     p.add_argument("--train-args", help="extra flags for every training script, e.g. \"--batch-size 256\"")
     p.add_argument("--dd-args", help="extra flags for the two defensive-distillation runs, e.g. \"--epochs 10\"")
     p.add_argument("--eval-args", default="", help="extra flags for evaluate.py, e.g. \"--apgd-iters 20\"")
+    p.add_argument("--rows-dir", default=None, help="keep every finished row here too, and reuse rows found here "
+                   "without their checkpoints (see above)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, run nothing")
     a = p.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -129,7 +138,8 @@ def plan(a):
             own += ["--out-dir", run_dir(name)]
             runs.append(dict(name=name, seed=seed, family=family, label=label, script=script, own=own,
                              argv=shared(a, seed) + own, passes=passes, dir=run_dir(name),
-                             eval=os.path.join(a.out_dir, "eval", f"{name}-s{seed}.json")))
+                             eval=os.path.join(a.out_dir, "eval", f"{name}-s{seed}.json"),
+                             row_file=a.rows_dir and os.path.join(a.rows_dir, f"{name}-s{seed}.json")))
     return runs
 
 
@@ -138,6 +148,30 @@ def shared(a, seed):
     return (["--dataset", a.dataset, "--data-dir", a.data_dir, "--arch", a.arch, "--epochs", str(a.epochs),
              "--seed", str(seed), "--device", a.device] + (["--train-size", str(a.train_size)] if a.train_size
                                                              else []) + shlex.split(a.train_args))
+
+
+def row_key(a, r):
+    """The settings a kept row must have been made with to be reused (paths and the device are not among them)."""
+    return {"name": r["name"], "seed": r["seed"], "dataset": a.dataset, "arch": a.arch, "epochs": a.epochs,
+            "train_size": a.train_size, "train_args": a.train_args, "dd_args": a.dd_args, "n": a.n,
+            "diagnose_n": a.diagnose_n, "eval_args": a.eval_args, "teacher": a.teacher}
+
+
+def kept_row(a, r):
+    """The row kept in --rows-dir for run r, or None. Refuses a row made with other settings."""
+    path = r.get("row_file")
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+    except ValueError:
+        raise common.UserError(f"{path}: not a JSON row (a damaged file?); remove it to run that row again")
+    if kept.get("key") != row_key(a, r):
+        diff = {k: (kept.get("key", {}).get(k), v) for k, v in row_key(a, r).items() if kept.get("key", {}).get(k) != v}
+        raise common.UserError(f"{path} was made with other settings (kept, now): {diff}; "
+                               f"choose another --rows-dir or remove that file")
+    return kept["row"]
 
 
 def status(r):
@@ -183,8 +217,8 @@ def estimate(a, runs):
         eval_s = eval_unit * (a.n * ev.apgd_iters * (1 + 9 * 0.5) + a.diagnose_n * (240 + min(1000, ev.square_queries) / 3))
         stages = 2 if r["script"] == "defensive_distillation" else 1
         per_epoch = n_train * r["passes"] + stages * val * (1 if r["family"] == "dd" else STEPS + 1)
-        r["est_train"] = 0.0 if r["status"] == "done" else epochs * per_epoch * train_unit
-        r["est_eval"] = 0.0 if os.path.isfile(r["eval"]) and r["status"] == "done" else eval_s
+        r["est_train"] = 0.0 if r["status"] in ("done", "kept") else epochs * per_epoch * train_unit
+        r["est_eval"] = 0.0 if r["status"] == "kept" or os.path.isfile(r["eval"]) and r["status"] == "done" else eval_s
 
 
 def last_flag(argv, flag):
@@ -361,6 +395,7 @@ def write_table(a, rows):
                      f"{f['mean']:+.1f} | {ci} | {f['method_only']} / {f['baseline_only']} | {f['sign_p']:.2g} |")
     lines += [""] + [f"- {verdict_words(f)}" for f in families]
     md = "\n".join(lines) + "\n"
+    os.makedirs(a.out_dir, exist_ok=True)
     tmp = os.path.join(a.out_dir, f"results.md.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(md)
@@ -375,6 +410,12 @@ def main(argv=None):
     runs = plan(a)
     for r in runs:
         r["status"] = status(r)
+        r["kept"] = kept_row(a, r)
+    for r in runs:  # a kept row is reused, unless its checkpoint is gone and a student still to run needs it
+        best = os.path.join(r["dir"], "best.pt")
+        needed = any(s["kept"] is None and s["status"] != "done" and best in s["argv"] for s in runs if s is not r)
+        if r["kept"] is not None and not (needed and r["status"] != "done"):
+            r["status"] = "kept"
     estimate(a, runs)
     print(f"reproduce: {a.dataset}, {a.arch}, {a.epochs} epochs" + (f", train-size {a.train_size}" if a.train_size
           else "") + f", seeds {' '.join(map(str, a.seeds))}, {device_name(a.device)} -> {a.out_dir}")
@@ -390,6 +431,9 @@ def main(argv=None):
     rows, t0 = [], time.time()
     for i, r in enumerate(runs, 1):
         tag = f"[{i}/{len(runs)}] {r['name']} seed {r['seed']}"
+        if r["status"] == "kept":
+            rows.append(r["kept"])
+            continue
         if r["status"] != "done":
             print(f"{tag}: train ({r['status']}, {fmt_time(time.time() - t0)} elapsed)", flush=True)
             t = time.time()
@@ -414,6 +458,9 @@ def main(argv=None):
                      "device": done["device"], "protocol": report.get("protocol"), "precision": report.get("precision"),
                      "after_apgd_ce": next((x["acc_after"] for x in report["attacks"] if x["name"] == "apgd-ce"), None),
                      "warnings": report.get("warnings", []), "command": r["argv"]})
+        if r["row_file"]:
+            os.makedirs(a.rows_dir, exist_ok=True)
+            evaluate.write_report(r["row_file"], {"key": row_key(a, r), "row": rows[-1]})
     md = write_table(a, rows)
     print("\n" + md + f"\nwritten: {os.path.join(a.out_dir, 'results.md')}, {os.path.join(a.out_dir, 'results.json')}")
     return rows

@@ -147,3 +147,37 @@ def test_bad_flags_are_one_line_errors_and_the_preset_fills_only_unset_flags():
     dd = next(r for r in runs if r["name"] == "dd")
     assert reproduce.last_flag(dd["argv"], "--arch") == "papernot-cifar"
     assert reproduce.last_flag(next(r for r in runs if r["name"] == "pgd-at")["argv"], "--arch") == preset["arch"]
+
+
+def test_rows_dir_carries_finished_rows_to_a_machine_without_the_checkpoints(first_call, tmp_path, monkeypatch):
+    out, rows, _ = first_call
+    kept = tmp_path / "rows"
+    assert reproduce.main(argv(out) + ["--rows-dir", str(kept)]) == rows  # finished runs: their rows are kept
+    assert sorted(p.name for p in kept.iterdir()) == sorted(f"{n}-s{s}.json" for n in NAMES for s in (0, 1))
+
+    def forbidden(*_, **__):
+        raise AssertionError("a kept row was trained or evaluated again")
+    with monkeypatch.context() as m:
+        for module in SCRIPTS:
+            m.setattr(module, "main", forbidden)
+        m.setattr(evaluate, "main", forbidden)
+        fresh = tmp_path / "elsewhere"  # no checkpoints, no reports: only the kept rows
+        assert reproduce.main(argv(fresh) + ["--rows-dir", str(kept)]) == rows
+        assert not (fresh / "runs").exists()
+        assert (fresh / "results.md").read_text() == (out / "results.md").read_text()
+
+    # LTD's row of seed 1 is missing: its teacher (kept, but its checkpoint is not here) is trained again first.
+    os.remove(kept / "ltd-s1.json")
+    trained = []
+    for module in (at_alp, ltd, infoard, defensive_distillation):
+        m_main = module.main
+        monkeypatch.setattr(module, "main", lambda args, f=m_main: trained.append(args[args.index("--out-dir") + 1]) or f(args))
+    again = reproduce.main(argv(tmp_path / "third") + ["--rows-dir", str(kept)])
+    assert [os.path.basename(d) for d in trained] == ["trades-awp-s1", "ltd-s1"]
+    assert (kept / "ltd-s1.json").is_file() and [(r["name"], r["seed"]) for r in again] == [(r["name"], r["seed"]) for r in rows]
+
+    # rows made with other settings are refused, not overwritten
+    before = (kept / "pgd-at-s0.json").read_text()
+    with pytest.raises(common.UserError, match="other settings"):
+        reproduce.main(argv(tmp_path / "fourth") + ["--rows-dir", str(kept), "--n", "7"])
+    assert (kept / "pgd-at-s0.json").read_text() == before
