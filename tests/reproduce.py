@@ -3,6 +3,8 @@ evaluated alike (AA-lite = `evaluate.py --preset standard`, with `--diagnose`), 
 
     python -m tests.reproduce --dataset mnist --data-dir DIR --train-size 10000 --epochs 4 \\
         --train-args "--milestones 3" --n 1000 --diagnose-n 200 --seeds 0 1 2 --device cpu   # README, MNIST
+    python -m tests.reproduce --dataset mnist --data-dir DIR --epochs 10 --families pgdat,trades --n 1000 \\
+        --diagnose-n 200 --official-autoattack pgd-at,trades-awp --device cpu      # README, MNIST full budget
     python -m tests.reproduce --preset cpu-cifar10 --dataset folder --data-dir TREE          # README, CIFAR-10 on a CPU
     python -m tests.reproduce --dataset cifar10 --arch resnet18 --epochs 30 \\
         --train-args "--milestones 15 23" --n 1000                                           # a GPU
@@ -24,7 +26,8 @@ per family, the paired difference method - baseline (its mean and a 95% t-interv
 over seeds, the images robust for one and not the other (a two-sided sign test).
 
 Files in --out-dir: runs/<name>-s<seed>/ (the script's own --out-dir; DONE marks a finished training),
-eval/<name>-s<seed>.json (evaluate.py's report), results.md (the tables for the README) and results.json.
+eval/<name>-s<seed>.json (evaluate.py's report; -autoattack.json: the official AutoAttack's, with
+--official-autoattack), results.md (the tables for the README) and results.json.
 Resume: run the same command again. A run with best.pt and DONE is reused as it is; a run started but not
 finished continues with --resume; an evaluation whose JSON exists is reused (a retrained run is re-evaluated).
 
@@ -93,6 +96,10 @@ def get_args(argv=None):
     p.add_argument("--train-args", help="extra flags for every training script, e.g. \"--batch-size 256\"")
     p.add_argument("--dd-args", help="extra flags for the two defensive-distillation runs, e.g. \"--epochs 10\"")
     p.add_argument("--eval-args", default="", help="extra flags for evaluate.py, e.g. \"--apgd-iters 20\"")
+    p.add_argument("--official-autoattack", default=None, metavar="RUNS",
+                   help="comma list of runs (pgd-at,trades-awp,...) or 'all': also attack them with the official "
+                        "AutoAttack (version standard) on the same images, a column beside AA-lite (needs the "
+                        "package: pip install pyautoattack; never a requirement)")
     p.add_argument("--rows-dir", default=None, help="keep every finished row here too, and reuse rows found here "
                    "without their checkpoints (see above)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, run nothing")
@@ -112,6 +119,12 @@ def get_args(argv=None):
         raise common.UserError(f"--teacher {a.teacher}: no such file")
     if min(a.epochs, a.n, a.diagnose_n) < 1 or (a.train_size is not None and a.train_size < 1):
         raise common.UserError("--epochs, --n, --diagnose-n and --train-size must be >= 1")
+    names = [r[0] for r in RUNS]
+    if a.official_autoattack and (bad := set(a.official_autoattack.split(",")) - {"all", *names}):
+        raise common.UserError(f"--official-autoattack: unknown run(s) {sorted(bad)}; choose from all, {', '.join(names)}")
+    if a.official_autoattack and evaluate.official_autoattack() is None and not a.dry_run:
+        raise common.UserError("--official-autoattack needs the official package: pip install pyautoattack "
+                               "(or fra31/auto-attack)")
     if len(set(a.seeds)) != len(a.seeds):
         raise common.UserError(f"--seeds repeats a seed: {a.seeds}")
     a.families = fams
@@ -139,6 +152,7 @@ def plan(a):
             runs.append(dict(name=name, seed=seed, family=family, label=label, script=script, own=own,
                              argv=shared(a, seed) + own, passes=passes, dir=run_dir(name),
                              eval=os.path.join(a.out_dir, "eval", f"{name}-s{seed}.json"),
+                             eval_aa=os.path.join(a.out_dir, "eval", f"{name}-s{seed}-autoattack.json"),
                              row_file=a.rows_dir and os.path.join(a.rows_dir, f"{name}-s{seed}.json")))
     return runs
 
@@ -154,7 +168,8 @@ def row_key(a, r):
     """The settings a kept row must have been made with to be reused (paths and the device are not among them)."""
     return {"name": r["name"], "seed": r["seed"], "dataset": a.dataset, "arch": a.arch, "epochs": a.epochs,
             "train_size": a.train_size, "train_args": a.train_args, "dd_args": a.dd_args, "n": a.n,
-            "diagnose_n": a.diagnose_n, "eval_args": a.eval_args, "teacher": a.teacher}
+            "diagnose_n": a.diagnose_n, "eval_args": a.eval_args, "teacher": a.teacher,
+            "official_autoattack": a.official_autoattack}
 
 
 def kept_row(a, r):
@@ -241,8 +256,9 @@ def train(r, a):
     best = importlib.import_module(r["script"]).main(argv)
     with open(os.path.join(r["dir"], "DONE"), "w") as f:
         json.dump({"best": best, "argv": argv, "device": device_name(a.device), "wall_s": time.time() - t}, f)
-    if os.path.exists(r["eval"]):
-        os.remove(r["eval"])  # evaluated an older checkpoint
+    for path in (r["eval"], r["eval_aa"]):
+        if os.path.exists(path):
+            os.remove(path)  # evaluated an older checkpoint
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -261,19 +277,23 @@ def log_stats(run_dir):
     return secs, images / max(secs, 1e-9)
 
 
-def evaluate_run(r, a):
-    if os.path.isfile(r["eval"]):
+def evaluate_run(r, a, official=False):
+    """evaluate.py's report on run r: AA-lite with the diagnostics, or (official=True) the official AutoAttack on
+    the same images. A finished report on disk is reused."""
+    path, wanted = (r["eval_aa"], "per_image") if official else (r["eval"], "diagnostics")
+    if os.path.isfile(path):
         try:
-            with open(r["eval"]) as f:
+            with open(path) as f:
                 report = json.load(f)
-            if "per_image" in report and "diagnostics" in report:
+            if "per_image" in report and wanted in report:
                 return report
         except ValueError:
             pass  # a half-written report: evaluate again
-    os.makedirs(os.path.dirname(r["eval"]), exist_ok=True)
-    return evaluate.main([os.path.join(r["dir"], "best.pt"), "--preset", "standard", "--diagnose", "--n", str(a.n),
-                          "--diagnose-n", str(a.diagnose_n), "--json", r["eval"], "--device", a.device,
-                          "--seed", str(r["seed"])] + shlex.split(a.eval_args))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    how = ["--attacks", "autoattack"] if official else ["--preset", "standard", "--diagnose", "--diagnose-n",
+                                                        str(a.diagnose_n)] + shlex.split(a.eval_args)
+    return evaluate.main([os.path.join(r["dir"], "best.pt"), "--n", str(a.n), "--json", path, "--device", a.device,
+                          "--seed", str(r["seed"])] + how)
 
 
 # ---- statistics over seeds (no SciPy): t-interval of the mean, exact sign test ----
@@ -371,12 +391,18 @@ def write_table(a, rows):
              + (f", precision {precision}" if precision else "") + ".", "",
              "| family | model | seed | clean | after APGD-CE | AA-lite | verdict | train time | images/s | device |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    official = any(r.get("autoattack_per_image") for r in rows)
+    if official:  # the official AutoAttack's column, beside AA-lite
+        lines[-2] = lines[-2].replace("| AA-lite |", "| AA-lite | AutoAttack (official, standard) |")
+        lines[-1] += "---|"
     for r in rows:  # the verdict's reasons and the cascade's hints are in results.json and eval/<name>-s<seed>.json
         n, pi = r["n"], r["per_image"]
         verdict = str(r["verdict"]).split(":")[0].replace("|", "/")
+        aa = r.get("autoattack_per_image")
         lines.append(f"| {r['family']} | {r['label']} | {r['seed']} | {evaluate.format_accuracy(pi['clean'].count('1'), n)} | "
-                     f"{100 * r['after_apgd_ce']:.1f}% | {evaluate.format_accuracy(pi['robust'].count('1'), n)} | {verdict} | "
-                     f"{fmt_time(r['train_s'])} | {r['images_per_s']:.0f} | {r['device']} |")
+                     f"{100 * r['after_apgd_ce']:.1f}% | {evaluate.format_accuracy(pi['robust'].count('1'), n)} | "
+                     + (f"{evaluate.format_accuracy(aa.count('1'), n) if aa else 'not run'} | " if official else "")
+                     + f"{verdict} | {fmt_time(r['train_s'])} | {r['images_per_s']:.0f} | {r['device']} |")
     models, families = aggregate(rows)
     sd = lambda v: "" if v is None else f" ± {v:.1f}"
     lines += ["", f"Over seeds ({seeds}): mean ± sample standard deviation, in %.", "",
@@ -447,6 +473,14 @@ def main(argv=None):
         if fresh:
             print(f"{tag}: evaluated in {fmt_time(time.time() - t)}: clean {100 * report['clean_acc']:.2f}%, "
                   f"AA-lite {100 * report['robust_acc']:.2f}%", flush=True)
+        aa = None
+        if a.official_autoattack and {"all", r["name"]} & set(a.official_autoattack.split(",")):
+            fresh = not os.path.isfile(r["eval_aa"])
+            t = time.time()
+            aa = evaluate_run(r, a, official=True)
+            if fresh:
+                print(f"{tag}: official AutoAttack in {fmt_time(time.time() - t)}: {100 * aa['robust_acc']:.2f}%", flush=True)
+            assert aa["per_image"]["index"] == report["per_image"]["index"], "AutoAttack saw other test images"
         with open(os.path.join(r["dir"], "DONE")) as f:
             done = json.load(f)
         secs, ips = log_stats(r["dir"])
@@ -457,7 +491,8 @@ def main(argv=None):
                      "masking_suspected": diag.get("masking_suspected"), "train_s": secs, "images_per_s": ips,
                      "device": done["device"], "protocol": report.get("protocol"), "precision": report.get("precision"),
                      "after_apgd_ce": next((x["acc_after"] for x in report["attacks"] if x["name"] == "apgd-ce"), None),
-                     "warnings": report.get("warnings", []), "command": r["argv"]})
+                     "warnings": report.get("warnings", []), "command": r["argv"],
+                     "autoattack": aa and aa["robust_acc"], "autoattack_per_image": aa and aa["per_image"]["robust"]})
         if r["row_file"]:
             os.makedirs(a.rows_dir, exist_ok=True)
             evaluate.write_report(r["row_file"], {"key": row_key(a, r), "row": rows[-1]})

@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -181,3 +182,34 @@ def test_rows_dir_carries_finished_rows_to_a_machine_without_the_checkpoints(fir
     with pytest.raises(common.UserError, match="other settings"):
         reproduce.main(argv(tmp_path / "fourth") + ["--rows-dir", str(kept), "--n", "7"])
     assert (kept / "pgd-at-s0.json").read_text() == before
+
+
+def test_official_autoattack_column_on_the_same_images(first_call, monkeypatch):
+    out, rows, _ = first_call
+
+    class NoAttack:  # stands in for the official package: returns the images unchanged, so robust = clean
+        def __init__(self, model, **kwargs):
+            self.apgd_targeted, self.fab = types.SimpleNamespace(), types.SimpleNamespace()
+
+        def run_standard_evaluation(self, x, y, bs=None):
+            return x
+    monkeypatch.setattr(evaluate, "official_autoattack", lambda: None)
+    with pytest.raises(common.UserError, match="pip install pyautoattack"):
+        reproduce.get_args(argv(out) + ["--official-autoattack", "all"])
+    with pytest.raises(common.UserError, match="unknown run"):
+        reproduce.get_args(argv(out) + ["--official-autoattack", "pgd-at,madry"])
+    monkeypatch.setattr(evaluate, "official_autoattack", lambda: NoAttack)
+    with_aa = reproduce.main(argv(out) + ["--official-autoattack", "pgd-at,ltd"])
+    for r, old in zip(with_aa, rows):
+        assert (r["clean"], r["aa_lite"]) == (old["clean"], old["aa_lite"])  # AA-lite's reports were reused
+        if r["name"] not in ("pgd-at", "ltd"):
+            assert r["autoattack"] is None and not (out / "eval" / f"{r['name']}-s{r['seed']}-autoattack.json").exists()
+            continue
+        assert r["autoattack"] == r["clean"] and r["autoattack_per_image"] == r["per_image"]["clean"]
+        report = json.loads((out / "eval" / f"{r['name']}-s{r['seed']}-autoattack.json").read_text())
+        assert report["protocol"].startswith("AutoAttack, official package")
+    md = (out / "results.md").read_text()
+    assert "| AA-lite | AutoAttack (official, standard) |" in md
+    k = with_aa[0]["per_image"]["clean"].count("1")
+    assert f"| {with_aa[0]['label']} | 0 | " in md and md.count(f"{100 * k / 8:.1f}% [") >= 2
+    assert md.count("| not run |") == len(rows) - 4  # two runs x two seeds have the official column
