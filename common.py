@@ -607,7 +607,8 @@ class Trainer:
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, state)
         secs = time.time() - t_start
-        lr = self.opt.param_groups[0]["lr"]
+        # the lr of this epoch's last step (the optimizer's lr is already the next step's, one milestone on)
+        lr = self.sched.base_lrs[0] * self.sched.lr_lambdas[0](max(self.sched.last_epoch - 1, 0))
         score = val_clean if self.select == "clean" else val_pgd + 1e-6 * val_clean  # ties: the cleaner model
         improved = score > self.best
         if improved:

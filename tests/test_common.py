@@ -242,6 +242,7 @@ def test_checkpoint_round_trip(trained_run):
     lines = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["epoch"] for r in lines] == [1, 2]
     assert {"loss", "train_acc", "val_clean", "val_pgd10", "lr", "seconds", "images_per_s", "eta_s"} <= set(lines[0])
+    assert [r["lr"] for r in lines] == pytest.approx([0.1, 0.01])  # the lr each epoch trained at (--milestones 1)
     # the selection metric itself (not the internal tie-break score), and what the train accuracy is measured on
     best = max(range(2), key=lambda i: (lines[i]["val_pgd10"], lines[i]["val_clean"], -i))
     assert "best" not in lines[1] and lines[1]["train_on"] == "adv"
