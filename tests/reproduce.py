@@ -35,11 +35,14 @@ finished continues with --resume; an evaluation whose JSON exists is reused (a r
 KB, no weights) as DIR/<name>-s<seed>.json, and a row found there is reused without its checkpoint. That spreads
 a multi-seed run over machines or sessions whose files do not last: run one seed at a time, keep DIR (commit
 it), and the last call with every seed writes the aggregate table. A teacher whose row is kept but whose
-checkpoint is gone is trained again (and re-evaluated) only if a student of its seed still needs it. Rows made
-with other settings are refused, not overwritten.
+checkpoint is gone is trained again only if a student of its seed still needs it; each row keeps the SHA-256
+of its weights, and a retraining with the same weights (training on a CPU is deterministic for a given torch,
+seed and thread count) keeps the row without evaluating again; other weights are evaluated and replace it.
+Rows made with other settings are refused, not overwritten.
 """
 import argparse
 import gc
+import hashlib
 import importlib
 import json
 import math
@@ -171,7 +174,21 @@ def row_key(a, r):
     return {"name": r["name"], "seed": r["seed"], "dataset": a.dataset, "arch": a.arch, "epochs": a.epochs,
             "train_size": a.train_size, "train_args": a.train_args, "dd_args": a.dd_args, "n": a.n,
             "diagnose_n": a.diagnose_n, "eval_args": a.eval_args, "teacher": a.teacher,
-            "official_autoattack": a.official_autoattack}
+            "official_autoattack": "standard" if official_wanted(a, r) else None}
+
+
+def official_wanted(a, r):
+    """Whether --official-autoattack asks for run r."""
+    return bool(a.official_autoattack) and bool({"all", r["name"]} & set(a.official_autoattack.split(",")))
+
+
+def weights_sha256(path):
+    """SHA-256 of a checkpoint's weights (names, dtypes, shapes and values; not its metadata such as paths)."""
+    h = hashlib.sha256()
+    for name, t in torch.load(path, map_location="cpu", weights_only=True)["model"].items():
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def kept_row(a, r):
@@ -475,6 +492,13 @@ def main(argv=None):
             t = time.time()
             train(r, a)
             print(f"{tag}: trained in {fmt_time(time.time() - t)}", flush=True)
+            if r["kept"] is not None:  # a kept teacher trained again for its students
+                same = r["kept"].get("weights_sha256") == weights_sha256(os.path.join(r["dir"], "best.pt"))
+                print(f"{tag}: " + ("the same weights as its kept row, which stands" if same else
+                                    "other weights than its kept row: evaluated again, the row replaced"), flush=True)
+                if same:
+                    rows.append(r["kept"])
+                    continue
         fresh = not os.path.isfile(r["eval"])
         if fresh:
             print(f"{tag}: evaluate", flush=True)
@@ -484,7 +508,7 @@ def main(argv=None):
             print(f"{tag}: evaluated in {fmt_time(time.time() - t)}: clean {100 * report['clean_acc']:.2f}%, "
                   f"AA-lite {100 * report['robust_acc']:.2f}%", flush=True)
         aa = None
-        if a.official_autoattack and {"all", r["name"]} & set(a.official_autoattack.split(",")):
+        if official_wanted(a, r):
             fresh = not os.path.isfile(r["eval_aa"])
             t = time.time()
             aa = evaluate_run(r, a, official=True)
@@ -496,7 +520,7 @@ def main(argv=None):
         secs, ips = log_stats(r["dir"])
         diag = report.get("diagnostics", {})
         rows.append({"name": r["name"], "seed": r["seed"], "family": r["family"], "label": r["label"],
-                     "checkpoint": done["best"], "n": report["n"], "clean": report["clean_acc"],
+                     "checkpoint": done["best"], "weights_sha256": weights_sha256(done["best"]), "n": report["n"], "clean": report["clean_acc"],
                      "aa_lite": report["robust_acc"], "per_image": report["per_image"], "verdict": diag.get("verdict"),
                      "masking_suspected": diag.get("masking_suspected"), "train_s": secs, "images_per_s": ips,
                      "device": done["device"], "protocol": report.get("protocol"), "precision": report.get("precision"),

@@ -168,14 +168,31 @@ def test_rows_dir_carries_finished_rows_to_a_machine_without_the_checkpoints(fir
         assert (fresh / "results.md").read_text() == (out / "results.md").read_text()
 
     # LTD's row of seed 1 is missing: its teacher (kept, but its checkpoint is not here) is trained again first.
+    # Training is deterministic here, so the teacher's weights match its kept row's hash: that row stands and
+    # only LTD is evaluated.
+    assert all(len(r["weights_sha256"]) == 64 for r in rows)
     os.remove(kept / "ltd-s1.json")
-    trained = []
+    trained, evaluated = [], []
     for module in (at_alp, ltd, infoard, defensive_distillation):
         m_main = module.main
         monkeypatch.setattr(module, "main", lambda args, f=m_main: trained.append(args[args.index("--out-dir") + 1]) or f(args))
+    e_main = evaluate.main
+    monkeypatch.setattr(evaluate, "main", lambda args: evaluated.append(os.path.basename(os.path.dirname(args[0]))) or e_main(args))
+    teacher_row = (kept / "trades-awp-s1.json").read_text()
     again = reproduce.main(argv(tmp_path / "third") + ["--rows-dir", str(kept)])
-    assert [os.path.basename(d) for d in trained] == ["trades-awp-s1", "ltd-s1"]
+    assert [os.path.basename(d) for d in trained] == ["trades-awp-s1", "ltd-s1"] and evaluated == ["ltd-s1"]
     assert (kept / "ltd-s1.json").is_file() and [(r["name"], r["seed"]) for r in again] == [(r["name"], r["seed"]) for r in rows]
+    assert (kept / "trades-awp-s1.json").read_text() == teacher_row and again[10] == rows[10]
+
+    # A retrained teacher whose weights differ from its kept row's is evaluated again and replaces the row.
+    row = json.loads(teacher_row)
+    row["row"]["weights_sha256"] = "0" * 64
+    (kept / "trades-awp-s1.json").write_text(json.dumps(row))
+    os.remove(kept / "ltd-s1.json")
+    trained.clear(), evaluated.clear()
+    reproduce.main(argv(tmp_path / "fifth") + ["--rows-dir", str(kept)])
+    assert evaluated == ["trades-awp-s1", "ltd-s1"]
+    assert json.loads((kept / "trades-awp-s1.json").read_text())["row"]["weights_sha256"] == rows[10]["weights_sha256"]
 
     # rows made with other settings are refused, not overwritten
     before = (kept / "pgd-at-s0.json").read_text()
