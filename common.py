@@ -939,7 +939,8 @@ def _folder_split(root, split, classes, size, skip_bad=False):
     if not (isinstance(blob, dict) and blob.get("classes") == classes and blob.get("stamp") == stamp):
         xs, ys, bad = [], [], []
         w, h = size
-        for c, f in files:
+        bar = Progress(len(files), f"decoding {os.path.join(root, split)} once (then cached in {cache})")
+        for bar.done, (c, f) in enumerate(files, 1):
             p = os.path.join(root, split, c, f)
             try:
                 with Image.open(p) as im:
@@ -952,6 +953,7 @@ def _folder_split(root, split, classes, size, skip_bad=False):
                 continue
             xs.append(t)
             ys.append(classes.index(c))
+        bar.close()
         _bad_files(bad, root, split, skip_bad)
         if not xs:
             raise UserError(f"'{root}/{split}' holds no usable images")
