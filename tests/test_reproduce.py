@@ -230,3 +230,15 @@ def test_official_autoattack_column_on_the_same_images(first_call, monkeypatch):
     k = with_aa[0]["per_image"]["clean"].count("1")
     assert f"| {with_aa[0]['label']} | 0 | " in md and md.count(f"{100 * k / 8:.1f}% [") >= 2
     assert md.count("| not run |") == len(rows) - 4  # two runs x two seeds have the official column
+
+
+def test_the_plan_estimate_counts_the_official_autoattack(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "official_autoattack", lambda: object)
+    a = reproduce.get_args(argv(tmp_path) + ["--official-autoattack", "pgd-at"])
+    runs = reproduce.plan(a)
+    for r in runs:
+        r["status"] = reproduce.status(r)
+    reproduce.estimate(a, runs)
+    pgd_at, at_alp_run = runs[0], runs[1]  # same arch and evaluation; only PGD-AT gets the official attack too
+    assert (pgd_at["name"], at_alp_run["name"]) == ("pgd-at", "at-alp") and at_alp_run["est_eval"] > 0
+    assert pgd_at["est_eval"] == pytest.approx((1 + reproduce.OFFICIAL_AA_COST) * at_alp_run["est_eval"])
