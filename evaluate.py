@@ -481,19 +481,24 @@ def diagnose(model, x, y, eps, alpha, num_classes, autocast, square_queries=1000
     d["saturated_softmax_share"] = (F.softmax(z, 1).amax(1) == 1.0).float().mean().item()
     margin_loss = dlr_loss if num_classes >= 3 else common.cw_margin_loss
 
+    correct = z.argmax(1) == y
+
     def zero_grad(loss):
         def f(xb, yb):
             xg = xb.clone().requires_grad_(True)
             g, = torch.autograd.grad(loss(model(xg).float(), yb).sum(), xg)
             return g.flatten(1).abs().amax(1) == 0
-        return int(per_image(f).sum())
-    # AutoAttack warns on any zero-gradient image; the verdict uses the share
+        return int((per_image(f) & correct).sum())
+    # Counted among the correctly classified images only, the ones an attack runs on (as AutoAttack's warning
+    # is): a misclassified image whose true class ranks third has a DLR of exactly 1, so a zero DLR gradient,
+    # which says nothing about masking. AutoAttack warns on any zero-gradient image; the verdict uses the share.
+    d["n_correct"] = nc = int(correct.sum())
     d["zero_grad_images"] = zero_grad(lambda o, t: F.cross_entropy(o, t, reduction="none"))
     d["zero_grad_images_dlr"] = zero_grad(margin_loss)
-    d["zero_grad_share"], d["zero_grad_share_dlr"] = d["zero_grad_images"] / n, d["zero_grad_images_dlr"] / n
+    d["zero_grad_share"], d["zero_grad_share_dlr"] = d["zero_grad_images"] / nc, d["zero_grad_images_dlr"] / nc
     ok_after = lambda attack: per_image(lambda xb, yb: predict(model, attack(xb, yb)) == yb)  # per image
     step = lambda name: status(name) if status else None
-    ok = {"clean": z.argmax(1) == y}
+    ok = {"clean": correct}
     with autocast():
         step("fgsm"); ok["fgsm"] = ok_after(lambda a, b: common.pgd(model, a, b, eps, eps, 1, random_start=False))
         step("pgd20"); ok["pgd20"] = ok_after(lambda a, b: common.pgd(model, a, b, eps, alpha, 20))
@@ -518,9 +523,11 @@ def diagnose(model, x, y, eps, alpha, num_classes, autocast, square_queries=1000
     d.update(stats)
     d["square_only_images"] = stats["square_among_white_box_robust"]["b"]  # broken by Square alone
     if d["zero_grad_share"] > 0.10:
-        reasons.append(f"{100 * d['zero_grad_share']:.0f}% of images have an exactly zero input gradient of the CE loss")
+        reasons.append(f"{100 * d['zero_grad_share']:.0f}% of the correctly classified images have an exactly zero "
+                       f"input gradient of the CE loss")
     if d["zero_grad_share_dlr"] > 0.10:
-        reasons.append(f"{100 * d['zero_grad_share_dlr']:.0f}% of images have an exactly zero input gradient of the "
+        reasons.append(f"{100 * d['zero_grad_share_dlr']:.0f}% of the correctly classified images have an exactly zero "
+                       f"input gradient of the "
                        f"{'DLR' if num_classes >= 3 else 'margin'} loss")
     if d["saturated_softmax_share"] > 0.5 and d["mean_abs_logit"] > 50:
         reasons.append(f"saturated softmax: mean |logit| {d['mean_abs_logit']:.0f}, max probability exactly 1 for "
@@ -563,8 +570,9 @@ def print_diagnostics(d, square_queries):
         print(f"  {'eps ' + e + ' (margin)':<20}{format_accuracy(k, n):>32}")
     t, sq = d["ce_vs_margin"], d["square_among_white_box_robust"]
     share = lambda t: "" if t["R"] == 0 else f" ({100 * t['share']:.1f}%)"
-    print(f"  mean |logit| {d['mean_abs_logit']:.1f}; zero input gradient: CE {d['zero_grad_images']}/{n}, "
-          f"DLR {d['zero_grad_images_dlr']}/{n}")
+    nc = d["n_correct"]
+    print(f"  mean |logit| {d['mean_abs_logit']:.1f}; zero input gradient, of the {nc} correctly classified: "
+          f"CE {d['zero_grad_images']}/{nc}, DLR {d['zero_grad_images_dlr']}/{nc}")
     print(f"  CE vs margin: the margin attack breaks {t['b']} of the {t['R']} images CE leaves robust{share(t)}, "
           f"p = {t['p']:.2g} against {100 * t['q0']:.0f}%")
     print(f"  Square breaks {sq['b']} of the {sq['R']} images every white-box attack left robust{share(sq)}, "

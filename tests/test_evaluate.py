@@ -168,7 +168,8 @@ def test_masking_diagnostics_flag_saturated_logits_and_not_the_plain_model(small
     assert scaled["acc_pgd20_ce"] - scaled["acc_pgd20_cw"] > 0.5
     assert scaled["acc_pgd20_cw"] == pytest.approx(plain["acc_pgd20_cw"], abs=0.1)
     assert scaled["zero_grad_share"] > 0.5 and plain["zero_grad_share"] == 0
-    assert scaled["zero_grad_images"] == round(scaled["zero_grad_share"] * len(y)) and plain["zero_grad_images"] == 0
+    assert scaled["zero_grad_images"] == round(scaled["zero_grad_share"] * scaled["n_correct"])
+    assert plain["zero_grad_images"] == 0
     assert scaled["mean_abs_logit"] > 100 * plain["mean_abs_logit"] * 0.99
 
 
@@ -185,8 +186,35 @@ def test_diagnostics_print_every_accuracy_with_its_interval(small_net_and_data, 
     t = d["ce_vs_margin"]
     assert set(t) == {"R", "b", "share", "q0", "p"} and t["q0"] == evaluate.Q0_CE_MARGIN
     assert f"breaks {t['b']} of the {t['R']} images CE leaves robust" in out
-    assert f"zero input gradient: CE {d['zero_grad_images']}/24" in out and d["zero_grad_images"] > 12
+    assert f"zero input gradient, of the 24 correctly classified: CE {d['zero_grad_images']}/24" in out
+    assert d["zero_grad_images"] > 12
     assert out.splitlines()[-1] == "verdict: " + d["verdict"] and d["verdict"].startswith("gradient masking suspected")
+
+
+class PixelLogits(torch.nn.Module):
+    """Logits = 10 x the first 10 pixels: the image decides the class ranking."""
+
+    def forward(self, x):
+        return 10 * x.flatten(1)[:, :10]
+
+
+def test_zero_dlr_gradient_of_misclassified_images_is_not_masking():
+    # 30 images classified correctly, 10 misclassified with their true class ranked third: their DLR is
+    # exactly 1 (numerator = denominator), so its input gradient is exactly zero, though nothing is masked.
+    x, y = torch.full((40, 16), 0.1), torch.arange(40) % 10
+    for i in range(40):
+        if i < 30:
+            x[i, y[i]] = 0.9
+        else:
+            x[i, (y[i] + 1) % 10], x[i, (y[i] + 2) % 10], x[i, y[i]] = 0.9, 0.6, 0.4
+    x = x.view(40, 1, 4, 4)
+    net = PixelLogits()
+    xg = x.clone().requires_grad_(True)
+    g, = torch.autograd.grad(evaluate.dlr_loss(net(xg), y).sum(), xg)
+    assert (g.flatten(1).abs().amax(1) == 0).tolist() == [False] * 30 + [True] * 10  # the trap is real
+    d = evaluate.diagnose(net, x, y, 16 / 255, 4 / 255, 10, NO_AMP, square_queries=20)
+    assert d["judged"] and d["n_correct"] == 30 and d["zero_grad_images_dlr"] == 0 and d["zero_grad_share_dlr"] == 0
+    assert not any("zero input gradient" in r for r in d["reasons"]), d["reasons"]
 
 
 # ------------------------------------------------------------------------------------ end to end
