@@ -522,13 +522,10 @@ def diagnose(model, x, y, eps, alpha, num_classes, autocast, square_queries=1000
     stats, reasons = masking_checks(ok, dlr_in_cascade, square_queries)
     d.update(stats)
     d["square_only_images"] = stats["square_among_white_box_robust"]["b"]  # broken by Square alone
-    if d["zero_grad_share"] > 0.10:
-        reasons.append(f"{100 * d['zero_grad_share']:.0f}% of the correctly classified images have an exactly zero "
-                       f"input gradient of the CE loss")
-    if d["zero_grad_share_dlr"] > 0.10:
-        reasons.append(f"{100 * d['zero_grad_share_dlr']:.0f}% of the correctly classified images have an exactly zero "
-                       f"input gradient of the "
-                       f"{'DLR' if num_classes >= 3 else 'margin'} loss")
+    for share, loss in ((d["zero_grad_share"], "CE"), (d["zero_grad_share_dlr"], "DLR" if num_classes >= 3 else "margin")):
+        if share > 0.10:
+            reasons.append(f"{100 * share:.0f}% of the correctly classified images have an exactly zero input "
+                           f"gradient of the {loss} loss")
     if d["saturated_softmax_share"] > 0.5 and d["mean_abs_logit"] > 50:
         reasons.append(f"saturated softmax: mean |logit| {d['mean_abs_logit']:.0f}, max probability exactly 1 for "
                        f"{100 * d['saturated_softmax_share']:.0f}% of images")
