@@ -49,7 +49,7 @@ Fidelity (legend in README.md, 'Fidelity'): the paper's full text and code were 
   [R] ours: every InfoARD rule and constant. The update rule (IAAT's up/down step, Balaji
     et al. 2019, with a per-sample memory), its cost (one probe attack at eps_i + gamma per batch besides the
     training attack, whose result gives "fails"), gamma = eps0 x 1.9/8 (IAAT's 1.9/255 at 8/255), 10 warm-up
-    epochs (2 on MNIST), the range [eps0/2, 3 eps0/2], alpha_i = eps_i/4; the RSLAD inner loss as default
+    epochs (half of --epochs in shorter runs; 2 on MNIST), the range [eps0/2, 3 eps0/2], alpha_i = eps_i/4; the RSLAD inner loss as default
     (AdaAD's: `--inner adaad`); MIM as feature + attention terms; InfoNCE with in-batch
     negatives (per rank under torchrun: B/world of them), symmetric, tau 0.07 (CRD's), 128-d heads; Attention
     Transfer on the first three stage maps, weight 1000 (RepDistiller's); w_kl = w_nce = 1 outside RSLAD mode
@@ -74,6 +74,7 @@ images, 4 epochs, eps 0.3, 1,000 test images, 3 seeds, mean +- sd): InfoARD 92.8
 RSLAD 93.2 +- 0.6% / 16.6 +- 1.3%, each seed's one TRADES-AWP teacher, both at w_kl 0.1; InfoARD - RSLAD +1.5 points,
 95% t-interval over seeds [-3.9, +6.9]: not distinguishable from zero at this budget. No CIFAR yet.
 """
+import math
 import os
 import time
 
@@ -302,7 +303,8 @@ def get_args(argv=None):
                    help="clip of eps_i (None: 0.5 eps, 1.5 eps, i.e. 4/255, 12/255) (ours)")
     p.add_argument("--asa-gamma", type=float, default=None,
                    help="--asa instance step (default eps x 1.9/8: IAAT's 1.9/255 at eps 8/255, 0.071 on MNIST)")
-    p.add_argument("--asa-warmup", type=int, default=10, help="--asa instance: first epochs at eps0, table frozen (ours)")
+    p.add_argument("--asa-warmup", type=int, default=None, help="--asa instance: first epochs at eps0, table frozen "
+                   "(None: 10, or half of --epochs when that is fewer, so the table moves in every run; ours)")
     p.add_argument("--asa-beta", type=float, default=1.0, help="--asa instance: eps_i <- beta x the rule's target + "
                    "(1 - beta) eps_i; 1 moves a whole gamma per visit, 0.1 is IAAT's exponential average")
     p.add_argument("--asa-zero-misclassified", action="store_true",
@@ -326,6 +328,8 @@ def get_args(argv=None):
                         "the first three both models have, i.e. 0 1 2, or 0 1 on the two-stage Papernot CNNs; ours)")
     args = p.parse_args(argv)
     args.teacher_epochs = args.epochs if args.teacher_epochs is None else args.teacher_epochs
+    if args.asa_warmup is None:  # 10 of the paper-scale 200 epochs; a short run keeps half of its epochs for ASA
+        args.asa_warmup = max(min(10, args.epochs // 2), math.ceil(args.eps_warmup))
     rslad_mode = (args.asa, args.mim, args.inner) == ("off", "logit", "rslad")
     args.w_kl = (0.1 if rslad_mode else 1.0) if args.w_kl is None else args.w_kl
     use_nce, use_at = MIM[args.mim]
@@ -383,6 +387,9 @@ def main(argv=None):
     run = common.Run(args, method)
     if args.asa_gamma is None:  # IAAT's 1.9/255 step at eps 8/255, scaled to this eps
         args.asa_gamma = args.eps * 1.9 / 8
+    if args.asa == "instance" and args.asa_warmup >= args.epochs and run.main:
+        print(f"[{method}] note: --asa-warmup {args.asa_warmup} >= --epochs {args.epochs}: the strength table never "
+              f"moves, so every image trains at eps0 (no ASA in this run)", flush=True)
     if args.asa == "instance" and not isinstance(run.train_loader, common.TensorLoader):
         raise common.UserError("--asa instance needs a dataset held in memory (not a streamed folder); use --asa conf")
     # frozen, eval mode, temperature 1 (RSLAD/AdaAD distil from raw logits), same dataset checked

@@ -24,6 +24,8 @@ With --no-distill the natural term is CE(f(x), y) and tau_s = 1: TRADES-AWP, the
 checkpoint's args carry `recipe`. That checkpoint is also a TRADES teacher for infoard.py (RSLAD's kind).
 AWP: before each update the weights w (tensors with dim > 1) move to w + v, where
 v = gamma * |w| * g / |g| layer-wise and g = dL/dw. The update is w <- w - lr * grad L(w + v).
+AWP is on from epoch 10 (the AWP code's --awp-warmup), in a run of fewer than 20 epochs from half of --epochs
+(ours, so a short run still has it).
 
 Run (teacher -> <out-dir>/teacher/best.pt, student -> <out-dir>/best.pt, deployed at temperature tau_s):
     python ltd.py --dataset cifar100                  # TRADES-AWP teacher (200 ep), then the LTD student
@@ -200,7 +202,8 @@ def get_args(argv=None):
     p.add_argument("--awp", action=argparse.BooleanOptionalAction, default=True,
                    help="adversarial weight perturbation (the TRADES-AWP code the CIFAR-10 LTD models came from)")
     p.add_argument("--awp-gamma", type=float, default=5e-3, help="AWP size relative to each layer's norm")
-    p.add_argument("--awp-warmup", type=int, default=10, help="first epoch (1-based) with AWP")
+    p.add_argument("--awp-warmup", type=int, default=None, help="first epoch (1-based) with AWP (None: 10, the AWP "
+                   "code's, or half of --epochs when that is fewer, so AWP is on in every run)")
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: train TRADES(-AWP) first)")
     p.add_argument("--teacher-arch", default=None, help="arch of the teacher trained here (default: --arch)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default: --epochs)")
@@ -208,6 +211,8 @@ def get_args(argv=None):
                    help="plain TRADES(-AWP): one-hot labels, tau_s = 1; --tau-t/-s, --soft-on, "
                         "--teacher-input/-arch/-epochs are then ignored")
     args = p.parse_args(argv)
+    if args.awp_warmup is None:  # the AWP code's 10 of 200 epochs; a short run has AWP on from its middle epoch
+        args.awp_warmup = min(10, max(1, args.epochs // 2))
     if not args.no_distill and (args.tau_t <= 0 or args.tau_s <= 0):
         raise common.UserError(f"--tau-t and --tau-s must be > 0 (got {args.tau_t}, {args.tau_s})")
     if args.beta < 0 or args.awp_gamma < 0:
@@ -265,6 +270,8 @@ def main(argv=None):
     if base == "trades":  # recorded in every checkpoint's args: this is not TRADES's own recipe
         args.recipe = "TRADES loss with the TRADES-AWP schedule (no AWP)"
     run = common.Run(args, base if args.no_distill else "ltd")
+    if run.main and base == "trades-awp" and args.awp_warmup > args.epochs:
+        print(f"note: --awp-warmup {args.awp_warmup} > --epochs {args.epochs}: AWP is never on in this run", flush=True)
     if run.main and base == "trades":
         print(f"note: {args.recipe}: {args.epochs} epochs, wd {args.weight_decay:g}, lr x{args.gamma:g} after "
               f"epochs {args.milestones}; TRADES's own is 76 epochs, wd 2e-4, attack step 0.007, decays after 74/89/99")

@@ -258,6 +258,10 @@ def test_defaults():
     with pytest.raises(common.UserError, match="asa-warmup"):
         infoard.get_args(["--dataset", "mnist", "--asa-warmup", "0"])  # MNIST ramps over 1 epoch
     assert infoard.get_args(["--dataset", "mnist", "--asa-warmup", "0", "--asa", "conf"]).asa_warmup == 0
+    # 10 warm-up epochs of a paper-scale run; a short run (the CPU CIFAR-10 preset's 4 epochs) keeps half for ASA
+    assert [infoard.get_args(["--epochs", str(e)]).asa_warmup for e in (1, 4, 30)] == [0, 2, 10]
+    assert infoard.get_args(["--dataset", "mnist", "--epochs", "30"]).asa_warmup == 2  # MNIST's own entry
+    assert infoard.get_args(["--epochs", "1", "--eps-warmup", "1"]).asa_warmup == 1  # never before the ramp ends
 
 
 def test_teacher_frozen_student_and_heads_learn():
@@ -325,12 +329,13 @@ def small_synthetic(monkeypatch):
     monkeypatch.setattr(common, "synthetic_data", lambda: full(n_train=256, n_test=64))  # keep CPU time low
 
 
-def test_end_to_end_teacher_distil_evaluate(tmp_path, monkeypatch):
+def test_end_to_end_teacher_distil_evaluate(tmp_path, monkeypatch, capsys):
     small_synthetic(monkeypatch)
     tiny = ["--dataset", "synthetic", "--device", "cpu", "--batch-size", "64", "--val-size", "32", "--steps", "2",
             "--epochs", "1", "--milestones", "1", "--arch", "wrn-10-1", "--teacher-arch", "wrn-10-2"]
     out = tmp_path / "infoard"
-    best = infoard.main(tiny + ["--out-dir", str(out)])
+    best = infoard.main(tiny + ["--out-dir", str(out), "--asa-warmup", "1"])
+    assert "--asa-warmup 1 >= --epochs 1: the strength table never moves" in capsys.readouterr().out  # said at the start
     teacher_path = str(out / "teacher" / "best.pt")
     tck = common.load_checkpoint(teacher_path)
     assert tck["arch"] == "wrn-10-2" and tck["method"] == "pgd-at"
@@ -360,7 +365,7 @@ def test_end_to_end_teacher_distil_evaluate(tmp_path, monkeypatch):
         infoard.main(tiny + ["--teacher", teacher_path, "--at-stages", "3", "--out-dir", str(tmp_path / "bad")])
 
 
-def test_strength_table_moves_logs_and_survives_resume(tmp_path, monkeypatch):
+def test_strength_table_moves_logs_and_survives_resume(tmp_path, monkeypatch, capsys):
     small_synthetic(monkeypatch)
     tiny = ["--dataset", "synthetic", "--device", "cpu", "--batch-size", "64", "--val-size", "32", "--steps", "2",
             "--milestones", "1", "--arch", "wrn-10-1", "--mim", "logit", "--asa-warmup", "1", "--asa-beta", "0.5"]
@@ -369,6 +374,7 @@ def test_strength_table_moves_logs_and_survives_resume(tmp_path, monkeypatch):
                       "--steps", "1", "--arch", "wrn-10-1", "--out-dir", str(tmp_path / "t")])
     out = tmp_path / "s"
     infoard.main(tiny + ["--teacher", teacher, "--epochs", "2", "--out-dir", str(out)])
+    assert "never moves" not in capsys.readouterr().out
     table = common.load_checkpoint(str(out / "last.pt"))["extra"]["eps_table"]["eps"]
     with open(out / "log.jsonl") as f:
         logs = [json.loads(line) for line in f]

@@ -155,6 +155,9 @@ def test_bad_flags_are_user_errors():
     assert (a.arch, a.epochs, a.lr, a.batch_size, a.milestones, a.beta, a.awp, a.awp_gamma, a.awp_warmup) == \
         ("wrn-34-10", 200, 0.1, 128, [99, 149], 6.0, True, 5e-3, 10)
     assert a.tau_t < a.tau_s
+    # AWP from the AWP code's epoch 10 of 200; a short run (the CPU CIFAR-10 preset's 4 epochs) from its middle
+    assert [ltd.get_args(["--epochs", str(e)]).awp_warmup for e in (1, 4, 30)] == [1, 2, 10]
+    assert ltd.get_args(["--dataset", "mnist", "--epochs", "30"]).awp_warmup == 2  # MNIST's own entry
     assert ltd.get_args(["--tau-t", "4", "--tau-s", "1"]).tau_t == 4  # only "different" is required
     assert ltd.get_args(["--no-distill", "--tau-t", "2", "--tau-s", "2"]).no_distill  # taus ignored there
     assert ltd.get_args(["--tau-t", "2", "--tau-s", "2"]).tau_t == 2  # equal: allowed since the paper's v4
@@ -314,3 +317,12 @@ def test_a_bad_student_arch_is_refused_before_the_teacher_trains(tmp_path, monke
     monkeypatch.setattr(ltd, "train_stage", lambda *a, **k: pytest.fail("a stage started training"))
     with pytest.raises(common.UserError, match=r"wrn depth must be 6n\+4"):
         ltd.main(TINY + ["--arch", "wrn-11-1", "--teacher-arch", "wrn-10-1", "--out-dir", str(tmp_path)])
+
+
+def test_awp_warmup_past_the_last_epoch_is_said_at_the_start(tmp_path, monkeypatch, capsys):
+    full = common.synthetic_data
+    monkeypatch.setattr(common, "synthetic_data", lambda: full(n_train=256, n_test=64))  # keep CPU time low
+    ltd.main(TINY + ["--no-distill", "--epochs", "1", "--awp-warmup", "2", "--steps", "1", "--out-dir", str(tmp_path / "a")])
+    assert "--awp-warmup 2 > --epochs 1: AWP is never on" in capsys.readouterr().out
+    ltd.main(TINY + ["--no-distill", "--epochs", "1", "--steps", "1", "--out-dir", str(tmp_path / "b")])
+    assert "never on" not in capsys.readouterr().out  # the default: AWP from epoch 1 of a 1-epoch run
