@@ -150,14 +150,20 @@ def train_stage(run, model, loss_fn, name, out_dir, epochs, deploy_temperature, 
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
         metrics = trainer.end_epoch(epoch, loss_sum, correct, seen, t0)
-        # At large T the gradient reaching the logits is 1/T of the usual one; a too-weak optimiser leaves
-        # the network at the uniform prediction, whose (soft-)CE is exactly log(num_classes).
-        if run.main and metrics["loss"] > 0.9 * chance:
+        if run.main and not_learning(metrics, run.info.num_classes):
             print(f"warning: [{name}] training loss {metrics['loss']:.3f} is still near log({run.info.num_classes}) = "
-                  f"{chance:.3f} (chance) at T={run.args.temperature:g}: the network is not learning yet; "
+                  f"{chance:.3f} (chance) and validation accuracy {100 * metrics['val_clean']:.1f}% near "
+                  f"{100 / run.info.num_classes:.0f}% at T={run.args.temperature:g}: the network is not learning yet; "
                   f"try more epochs" + (", a larger --lr" if run.args.optimizer == "adam" else
                                          ", a larger --lr/--momentum with --nesterov, or --optimizer adam"), flush=True)
     return trainer.finish()
+
+
+def not_learning(metrics, num_classes):
+    """At large T the gradient reaching the logits is 1/T of the usual one; a too-weak optimiser leaves the network
+    at the uniform prediction, whose (soft-)CE is log(num_classes). The epoch's mean loss alone would also flag a
+    first epoch that starts there and learns, so validation accuracy must be near chance (under 2/classes) too."""
+    return metrics["loss"] > 0.9 * math.log(num_classes) and metrics["val_clean"] < 2 / num_classes
 
 
 def load_teacher(path, run):

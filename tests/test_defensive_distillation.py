@@ -195,3 +195,10 @@ def test_help_shows_the_milestone_rule_and_no_eps_ramp(capsys):
     assert "--eps-warmup" not in text  # no attack is trained here
     a, m = dd.get_args(["--dataset", "cifar10", "--epochs", "35"]), dd.get_args(["--dataset", "mnist"])
     assert (a.milestones, a.eps_warmup, m.eps_warmup) == ([10, 20, 30], 0, 0)
+
+
+def test_not_learning_needs_chance_loss_and_chance_validation():
+    # a first CIFAR-10 epoch that starts at chance and learns: mean loss 2.11 (> 0.9 log 10), 36.6% validation
+    assert not dd.not_learning({"loss": 2.11, "val_clean": 0.366}, 10)
+    assert dd.not_learning({"loss": 2.30, "val_clean": 0.11}, 10)  # stuck at the uniform prediction
+    assert not dd.not_learning({"loss": 1.2, "val_clean": 0.11}, 10)
